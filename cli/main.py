@@ -1,0 +1,241 @@
+"""The `crmbridge` command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from crmbridge import __version__
+from crmbridge.cli.render import RichProgress, console, errors, reconciliation_table
+from crmbridge.errors import CrmbridgeError, MappingError
+from crmbridge.mappings import load_mapping
+from crmbridge.runs import find_run, list_runs
+from crmbridge.schemas import schema_text
+
+app = typer.Typer(help="Move customer data between legacy systems, ERPs and CRMs with YAML mappings.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+MappingArg = Annotated[Path, typer.Argument(help="The mapping file (YAML).", show_default=False)]
+ProjectOpt = Annotated[Path, typer.Option("--project", "-p", help="Project directory (holds .crmbridge/).")]
+StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="State directory, if not <project>/.crmbridge.")]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    errors.print(f"[red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _load(path: Path):
+    try:
+        return load_mapping(path)
+    except MappingError as error:
+        errors.print(f"[red]{error}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def version() -> None:
+    """Print the crmbridge version."""
+    console.print(__version__)
+
+
+@app.command()
+def schema() -> None:
+    """Print the mapping JSON Schema (for editors and CI checks)."""
+    sys.stdout.write(schema_text("mapping"))
+
+
+@app.command()
+def init(directory: Annotated[Path, typer.Argument(help="Directory to create.")]) -> None:
+    """Scaffold a project: an example mapping, sample data, .env.example and the mapping schema."""
+    if directory.exists() and any(directory.iterdir()):
+        raise _fail(f"{directory} exists and is not empty", 2)
+    templates = Path(__file__).parent / "templates"
+    (directory / "data").mkdir(parents=True, exist_ok=True)
+    shutil.copy(templates / "mapping.yaml", directory / "mapping.yaml")
+    shutil.copy(templates / "customers.csv", directory / "data" / "customers.csv")
+    shutil.copy(templates / "env.example", directory / ".env.example")
+    shutil.copy(templates / "gitignore", directory / ".gitignore")
+    (directory / "mapping.schema.json").write_text(schema_text("mapping"), encoding="utf-8")
+    console.print(f"Created [bold]{directory}[/]:")
+    for name in ("mapping.yaml", "mapping.schema.json", "data/customers.csv", ".env.example", ".gitignore"):
+        console.print(f"  {directory / name}")
+    console.print(f"Next: [bold]crmbridge validate {directory / 'mapping.yaml'}[/], then "
+                  f"[bold]crmbridge run {directory / 'mapping.yaml'}[/]")
+
+
+@app.command()
+def validate(
+    mapping_file: MappingArg,
+    offline: Annotated[bool, typer.Option(help="Only check the file; do not connect to sources and targets.")] = False,
+) -> None:
+    """Check a mapping: JSON Schema, meaning, then (unless --offline) the real sources and targets."""
+    mapping = _load(mapping_file)
+    if not offline:
+        from crmbridge.flows.inspect import check_systems
+
+        problems = check_systems(mapping)
+        if problems:
+            for problem in problems:
+                errors.print(f"[red]-[/] {problem}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+    checked = "file" if offline else "file, sources and targets"
+    console.print(f"[green]ok[/] {mapping_file}: {len(mapping.entities)} entities, {checked} checked")
+
+
+@app.command()
+def preview(
+    mapping_file: MappingArg,
+    limit: Annotated[int, typer.Option(help="Rows per entity.", min=1)] = 20,
+    entity: Annotated[str | None, typer.Option(help="Only this entity.")] = None,
+) -> None:
+    """Show rows before and after cleansing, per entity (masked fields stay masked)."""
+    from crmbridge.flows.inspect import preview_entity
+
+    mapping = _load(mapping_file)
+    chosen = [e for e in mapping.load_order() if entity in (None, e.name)]
+    if not chosen:
+        raise _fail(f"no entity `{entity}`; entities: {', '.join(e.name for e in mapping.entities)}", 2)
+    for item in chosen:
+        try:
+            shown = preview_entity(mapping, item, limit)
+        except CrmbridgeError as error:
+            raise _fail(str(error)) from None
+        console.rule(f"[bold]{item.name}[/]  ({item.source} → {item.target}.{item.target_table})")
+        console.print(_frame_table("before (source)", shown.before))
+        after = shown.after.copy()
+        console.print(_frame_table("after (cleansed)", after))
+        for row, reason in sorted({**shown.quarantined, **shown.rejected}.items()):
+            console.print(f"  [yellow]row {row} → quarantine:[/] {reason}", highlight=False)
+
+
+def _frame_table(title: str, frame) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in frame.columns:
+        table.add_column(str(column), overflow="fold")
+    for row in frame.itertuples(index=False):
+        table.add_row(*("" if v is None else str(v) for v in row))
+    return table
+
+
+@app.command()
+def run(
+    mapping_file: MappingArg,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Do everything but write to the target.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's own log lines.")] = False,
+) -> None:
+    """Run the migration as a Prefect flow and print its reconciliation."""
+    from crmbridge.flows.prefect_env import configure_prefect
+
+    configure_prefect(verbose)
+    mapping = _load(mapping_file)
+    started = time.perf_counter()
+    from crmbridge.flows import migrate
+
+    with RichProgress() as bars:
+        migrate.progress_reporter = bars
+        try:
+            run_dir, result = migrate.start_run(mapping.path, dry_run=dry_run)
+        except CrmbridgeError as error:
+            bars.bars.stop()
+            raise _fail(str(error)) from None
+        finally:
+            from crmbridge.flows.progress import NoProgress
+
+            migrate.progress_reporter = NoProgress()
+    console.print(reconciliation_table(result, dry_run))
+    console.print(f"run [bold]{run_dir.run_id}[/] finished in {time.perf_counter() - started:.1f}s; "
+                  f"details: {run_dir.path}")
+
+
+def _state_dir(project: Path, state_dir: Path | None) -> Path:
+    return state_dir or project / ".crmbridge"
+
+
+@app.command()
+def runs(project: ProjectOpt = Path("."), state_dir: StateOpt = None) -> None:
+    """List past runs, newest last."""
+    table = Table(title="Runs", title_justify="left")
+    for column in ("run", "mapping", "status", "dry run", "started", "finished", "source rows", "quarantined"):
+        table.add_column(column)
+    for item in list_runs(_state_dir(project, state_dir)):
+        manifest = item.manifest()
+        rec = item.reconciliation() or {"entities": []}
+        source = sum(e["source"] for e in rec["entities"])
+        quarantined = sum(e["quarantined"] for e in rec["entities"])
+        colour = {"succeeded": "green", "failed": "red"}.get(manifest.status, "yellow")
+        table.add_row(item.run_id, manifest.mapping_name, f"[{colour}]{manifest.status}[/]",
+                      "yes" if manifest.dry_run else "", manifest.started_at[:19], (manifest.finished_at or "")[:19],
+                      str(source), str(quarantined))
+    console.print(table)
+
+
+@app.command()
+def report(
+    run_id: Annotated[str, typer.Argument(help="Run id (a unique prefix is enough).")],
+    project: ProjectOpt = Path("."),
+    state_dir: StateOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the reconciliation as JSON.")] = False,
+) -> None:
+    """Print a run's reconciliation."""
+    try:
+        item = find_run(_state_dir(project, state_dir), run_id)
+    except CrmbridgeError as error:
+        raise _fail(str(error)) from None
+    manifest = item.manifest()
+    rec = item.reconciliation()
+    if as_json:
+        sys.stdout.write(json.dumps({"manifest": manifest.__dict__, "reconciliation": rec}, indent=2) + "\n")
+        return
+    console.print(f"run [bold]{item.run_id}[/] · mapping {manifest.mapping_name} "
+                  f"(sha256 {manifest.mapping_sha256[:12]}) · {manifest.status}")
+    if manifest.error:
+        console.print(f"[red]{manifest.error}[/]", highlight=False)
+    if rec:
+        console.print(reconciliation_table(rec, manifest.dry_run))
+    else:
+        console.print("no reconciliation (the run stopped before reconciling)")
+
+
+@app.command()
+def quarantine(
+    run_id: Annotated[str, typer.Argument(help="Run id (a unique prefix is enough).")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="CSV file (default: standard output).")] = None,
+    entity: Annotated[str | None, typer.Option(help="Only this entity.")] = None,
+    project: ProjectOpt = Path("."),
+    state_dir: StateOpt = None,
+) -> None:
+    """Export a run's quarantined rows as CSV: row, source key, stage, reason codes. Never values."""
+    from crmbridge.staging import Staging
+
+    try:
+        item = find_run(_state_dir(project, state_dir), run_id)
+    except CrmbridgeError as error:
+        raise _fail(str(error)) from None
+    staging = Staging(item.staging_path)
+    try:
+        frame = staging.quarantine_frame(entity)
+    finally:
+        staging.close()
+    frame["problems"] = frame["problems"].map(
+        lambda text: "; ".join(f"{p['field']}: {p['code']} ({p['detail']})" for p in json.loads(text)))
+    if output:
+        frame.to_csv(output, index=False)
+        console.print(f"{len(frame)} quarantined rows written to {output}")
+    else:
+        frame.to_csv(sys.stdout, index=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

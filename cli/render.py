@@ -1,0 +1,62 @@
+"""Rich rendering shared by the commands: reconciliation tables, run lists, progress bars."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from crmbridge.flows.reconcile import BUCKETS
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def reconciliation_table(data: dict[str, Any], dry_run: bool = False) -> Table:
+    title = "Plan (dry run: nothing was written)" if dry_run else "Reconciliation"
+    table = Table(title=title, title_justify="left")
+    table.add_column("entity")
+    table.add_column("source", justify="right")
+    labels = {"created": "would create", "updated": "would update", "unchanged": "unchanged",
+              "merged": "would merge", "quarantined": "quarantine"} if dry_run else {b: b for b in BUCKETS}
+    for bucket in BUCKETS:
+        table.add_column(labels[bucket], justify="right")
+    table.add_column("balanced", justify="center")
+    for row in data["entities"]:
+        ok = "[green]yes[/]" if row["balanced"] else "[red]NO[/]"
+        table.add_row(row["entity"], str(row["source"]), *(str(row[b]) for b in BUCKETS), ok)
+    return table
+
+
+class RichProgress:
+    """One bar per entity and stage; extraction has no known total, loading does."""
+
+    def __init__(self) -> None:
+        self.bars = Progress(SpinnerColumn(), TextColumn("{task.description:<28}"), BarColumn(),
+                             MofNCompleteColumn(), TextColumn("rows"), TimeElapsedColumn(), console=console)
+        self.tasks: dict[tuple[str, str], Any] = {}
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def __enter__(self) -> RichProgress:
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bars.stop()
+
+    def stage(self, entity: str, stage: str, total: int | None = None) -> None:
+        self.tasks[(entity, stage)] = self.bars.add_task(f"{entity} · {stage}", total=total)
+
+    def advance(self, entity: str, stage: str, rows: int) -> None:
+        if (entity, stage) not in self.tasks:
+            self.stage(entity, stage)
+        self.counts[(entity, stage)] = self.counts.get((entity, stage), 0) + rows
+        self.bars.advance(self.tasks[(entity, stage)], rows)
+
+    def done(self, entity: str, stage: str) -> None:
+        task = self.tasks.get((entity, stage))
+        if task is not None:
+            done = self.counts.get((entity, stage), 0)
+            self.bars.update(task, total=done, completed=done)

@@ -1,0 +1,3 @@
+"""crmbridge: declarative YAML mappings that move customer data between legacy systems, ERPs and CRMs."""
+
+__version__ = "0.1.0"

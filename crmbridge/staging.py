@@ -1,0 +1,182 @@
+"""The run's staging store (one DuckDB file in the run directory).
+
+It holds every cleansed row, the quarantine, the load ledger and per-stage progress, which is what makes a
+run previewable, reconcilable and resumable: dedup and load read from here, never from the source again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from crmbridge.mappings.model import Entity
+
+_DUCK_TYPES = {"string": "VARCHAR", "integer": "BIGINT", "decimal": "VARCHAR", "float": "DOUBLE",
+               "boolean": "BOOLEAN", "date": "DATE", "timestamp": "TIMESTAMPTZ"}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS source_counts (entity VARCHAR, batch BIGINT, rows BIGINT);
+CREATE TABLE IF NOT EXISTS quarantine (
+    entity VARCHAR, row_no BIGINT, source_key VARCHAR, stage VARCHAR, reason VARCHAR, problems JSON
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    entity VARCHAR, row_no BIGINT, source_key VARCHAR, external_id VARCHAR, target_key VARCHAR,
+    action VARCHAR, changed VARCHAR[], before_image JSON
+);
+CREATE TABLE IF NOT EXISTS stages (entity VARCHAR, stage VARCHAR, status VARCHAR, noted_at TIMESTAMPTZ DEFAULT now());
+"""
+
+
+def table_name(entity: Entity) -> str:
+    return f"rows_{entity.name}"
+
+
+@dataclass
+class QuarantineRecord:
+    row_no: int
+    source_key: str | None
+    stage: str
+    reason: str  # the first reason code; `problems` has them all
+    problems: list[dict[str, str]]
+
+
+class Staging:
+    def __init__(self, path: Path):
+        self.path = path
+        self.con = duckdb.connect(str(path))
+        self.con.execute("SET TimeZone = 'UTC'")
+        self.con.execute(_SCHEMA)
+
+    def close(self) -> None:
+        self.con.close()
+
+    # --- rows ---------------------------------------------------------------------------------------
+
+    def create_rows_table(self, entity: Entity) -> None:
+        columns = ", ".join(
+            f'"{f.name}" {"VARCHAR" if f.ref else _DUCK_TYPES[f.type]}' for f in entity.fields.values()
+        )
+        self.con.execute(f'DROP TABLE IF EXISTS "{table_name(entity)}"')
+        self.con.execute(f'CREATE TABLE "{table_name(entity)}" (_seq BIGINT, _row BIGINT, _key VARCHAR, '
+                         f'_ext VARCHAR, {columns})')
+
+    def stage_batch(self, entity: Entity, batch_no: int, first_seq: int, frame: pd.DataFrame,
+                    source_rows: int, quarantined: Iterable[QuarantineRecord]) -> None:
+        """Stage one batch's good rows, its quarantine and its row count in a single transaction."""
+        staged = frame.copy()
+        staged.insert(0, "_seq", range(first_seq, first_seq + len(staged)))
+        self.con.begin()
+        try:
+            if len(staged):
+                self.con.register("batch_frame", staged)
+                self.con.execute(f'INSERT INTO "{table_name(entity)}" SELECT * FROM batch_frame')
+                self.con.unregister("batch_frame")
+            self.add_quarantine(entity, quarantined)
+            self.con.execute("INSERT INTO source_counts VALUES (?, ?, ?)", [entity.name, batch_no, source_rows])
+            self.con.commit()
+        except BaseException:
+            self.con.rollback()
+            raise
+
+    def add_quarantine(self, entity: Entity, records: Iterable[QuarantineRecord]) -> None:
+        rows = [(entity.name, r.row_no, r.source_key, r.stage, r.reason, json.dumps(r.problems)) for r in records]
+        if rows:
+            self.con.executemany("INSERT INTO quarantine VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def quarantine_duplicate_keys(self, entity: Entity) -> int:
+        """Keep the first row of every source key; later rows with the same key go to quarantine."""
+        table = table_name(entity)
+        duplicates = self.con.execute(f"""
+            SELECT _row, _key FROM (
+                SELECT _row, _key, row_number() OVER (PARTITION BY _key ORDER BY _seq) AS n FROM "{table}"
+            ) WHERE n > 1 ORDER BY _row""").fetchall()
+        if not duplicates:
+            return 0
+        problem = [{"field": ",".join(entity.key), "code": "duplicate_key",
+                    "detail": "an earlier source row has the same key"}]
+        self.con.begin()
+        self.add_quarantine(entity, (QuarantineRecord(r, k, "validate", "duplicate_key", problem)
+                                     for r, k in duplicates))
+        self.con.execute(f"""DELETE FROM "{table}" WHERE _row IN (
+            SELECT _row FROM (SELECT _row, row_number() OVER (PARTITION BY _key ORDER BY _seq) AS n
+                              FROM "{table}") WHERE n > 1)""")
+        self.con.commit()
+        return len(duplicates)
+
+    def max_seq(self, entity: Entity) -> int:
+        return self.con.execute(f'SELECT coalesce(max(_seq), -1) FROM "{table_name(entity)}"').fetchone()[0]
+
+    def rows_for_load(self, entity: Entity, first_seq: int, last_seq: int, dry_run: bool) -> pd.DataFrame:
+        """Staged rows in a `_seq` range, each reference replaced by the parent's target key.
+
+        For every reference field `F`, adds `F__resolved` (1 when the parent was loaded, or in a dry run
+        would be). A parent row that is in the ledger but not yet in the target (dry run) resolves to NULL.
+        """
+        select = ["s.*"]
+        joins = []
+        for i, spec in enumerate(f for f in entity.fields.values() if f.ref):
+            alias = f"p{i}"
+            joins.append(f"LEFT JOIN ledger {alias} ON {alias}.entity = '{spec.ref}' "
+                         f'AND {alias}.source_key = s."{spec.name}"')
+            select.append(f'{alias}.target_key AS "{spec.name}__target"')
+            select.append(f'({alias}.entity IS NOT NULL) AS "{spec.name}__resolved"')
+        sql = (f'SELECT {", ".join(select)} FROM "{table_name(entity)}" s {" ".join(joins)} '
+               f"WHERE s._seq BETWEEN ? AND ? ORDER BY s._seq")
+        del dry_run
+        return self.con.execute(sql, [first_seq, last_seq]).df()
+
+    def preview_rows(self, entity: Entity, limit: int) -> pd.DataFrame:
+        return self.con.execute(f'SELECT * FROM "{table_name(entity)}" ORDER BY _seq LIMIT ?', [limit]).df()
+
+    # --- ledger and progress ------------------------------------------------------------------------
+
+    def add_ledger(self, entity: Entity, rows: list[tuple[Any, ...]]) -> None:
+        """Rows of (row_no, source_key, external_id, target_key, action, changed, before_image_json)."""
+        if not rows:
+            return
+        frame = pd.DataFrame(rows, columns=["row_no", "source_key", "external_id", "target_key", "action",
+                                            "changed", "before_image"])
+        frame.insert(0, "entity", entity.name)
+        frame["target_key"] = frame["target_key"].map(lambda v: None if v is None else str(v))
+        self.con.register("ledger_frame", frame)
+        self.con.execute("INSERT INTO ledger SELECT entity, row_no, source_key, external_id, target_key, action, "
+                         "changed::VARCHAR[], before_image::JSON FROM ledger_frame")
+        self.con.unregister("ledger_frame")
+
+    def mark(self, entity: str, stage: str, status: str) -> None:
+        self.con.execute("INSERT INTO stages (entity, stage, status) VALUES (?, ?, ?)", [entity, stage, status])
+
+    # --- counts -------------------------------------------------------------------------------------
+
+    def source_rows(self, entity: str) -> int:
+        return self.con.execute("SELECT coalesce(sum(rows), 0) FROM source_counts WHERE entity = ?",
+                                [entity]).fetchone()[0]
+
+    def action_counts(self, entity: str) -> dict[str, int]:
+        return dict(self.con.execute("SELECT action, count(*) FROM ledger WHERE entity = ? GROUP BY action",
+                                     [entity]).fetchall())
+
+    def quarantine_count(self, entity: str) -> int:
+        return self.con.execute("SELECT count(*) FROM quarantine WHERE entity = ?", [entity]).fetchone()[0]
+
+    def rows_in_two_buckets(self, entity: str) -> int:
+        return self.con.execute("""
+            SELECT count(*) FROM (
+                SELECT row_no FROM (SELECT row_no FROM ledger WHERE entity = ?
+                                    UNION ALL SELECT row_no FROM quarantine WHERE entity = ?)
+                GROUP BY row_no HAVING count(*) > 1)""", [entity, entity]).fetchone()[0]
+
+    def quarantine_frame(self, entity: str | None = None) -> pd.DataFrame:
+        where, params = ("WHERE entity = ?", [entity]) if entity else ("", [])
+        return self.con.execute(f"SELECT entity, row_no, source_key, stage, reason, problems FROM quarantine "
+                                f"{where} ORDER BY entity, row_no", params).df()
+
+    def ledger_frame(self, entity: str | None = None) -> pd.DataFrame:
+        where, params = ("WHERE entity = ?", [entity]) if entity else ("", [])
+        return self.con.execute(f"SELECT * FROM ledger {where} ORDER BY entity, row_no", params).df()

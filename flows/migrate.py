@@ -1,0 +1,147 @@
+"""The `migrate` Prefect flow: per entity in dependency order, extract -> cleanse -> validate -> protect ->
+stage -> dedupe -> load -> reconcile. Tasks are per batch, never per row."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
+from prefect.context import get_run_context
+
+from crmbridge.audit import AuditTrail
+from crmbridge.errors import CrmbridgeError, ReconciliationError
+from crmbridge.flows import steps
+from crmbridge.flows.progress import NoProgress, Progress
+from crmbridge.flows.reconcile import unbalanced_message
+from crmbridge.mappings import load_mapping
+from crmbridge.mappings.envvars import Redactor
+from crmbridge.runs import Manifest, RunDir, runs_root
+from crmbridge.staging import Staging
+
+log = logging.getLogger("crmbridge.run")
+
+# The CLI installs its progress bars here; a flow started by a Prefect worker reports nothing extra.
+progress_reporter: Progress = NoProgress()
+
+
+@task(name="stage-batch", cache_policy=NONE, task_run_name="stage-{entity.name}-{batch_no}")
+def stage_batch_task(ctx: steps.RunContext, entity, batch_no: int, first_seq: int, batch) -> int:
+    return steps.process_batch(ctx, entity, batch_no, first_seq, batch)
+
+
+@task(name="dedupe", cache_policy=NONE, task_run_name="dedupe-{entity.name}")
+def dedupe_task(ctx: steps.RunContext, entity) -> None:
+    steps.after_staging(ctx, entity)
+    steps.dedupe(ctx, entity)
+
+
+@task(name="load-batch", cache_policy=NONE, task_run_name="load-{entity.name}-{first_seq}")
+def load_batch_task(ctx: steps.RunContext, entity, first_seq: int, last_seq: int) -> dict[str, int]:
+    return steps.load_batch(ctx, entity, first_seq, last_seq)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+@flow(name="crmbridge-migrate", flow_run_name="{run_id}", validate_parameters=False)
+def migrate_flow(mapping_path: str, run_id: str, state_dir: str, dry_run: bool = False) -> dict[str, Any]:
+    mapping = load_mapping(mapping_path)
+    run = RunDir(runs_root(Path(state_dir)) / run_id)
+    manifest = run.manifest()
+    try:
+        manifest.flow_run_id = str(get_run_context().flow_run.id)
+    except Exception:  # outside a flow run context (never in practice); the id is informational
+        manifest.flow_run_id = None
+    run.write_manifest(manifest)
+    staging = Staging(run.staging_path)
+    audit = AuditTrail(run.path / "events.jsonl", run_id, mapping.name, mapping.sha256, manifest.operator)
+    ctx = steps.RunContext(mapping, run, staging, audit, dry_run, progress_reporter)
+    redact = Redactor(mapping.secrets)
+    logger = get_run_logger()
+    audit.append("run_started", dry_run=dry_run, entities=[e.name for e in mapping.load_order()])
+    try:
+        for entity in mapping.load_order():
+            _migrate_entity(ctx, entity, manifest)
+        results = steps.reconcile(ctx)
+        reconciliation = {"run_id": run_id, "dry_run": dry_run, "entities": [r.as_dict() for r in results]}
+        run.write_reconciliation(reconciliation)
+        problem = unbalanced_message(results)
+        if problem:
+            raise ReconciliationError(problem)
+        manifest.status = "succeeded"
+        audit.append("run_finished", outcome="succeeded",
+                     totals={r.entity: r.as_dict() for r in results})
+        return reconciliation
+    except BaseException as error:
+        manifest.status = "failed"
+        manifest.error = redact(str(error)) if isinstance(error, CrmbridgeError) else type(error).__name__
+        audit.append("run_finished", outcome="failed", reason=type(error).__name__)
+        logger.error("run %s failed: %s", run_id, manifest.error)
+        raise
+    finally:
+        manifest.finished_at = _now()
+        run.write_manifest(manifest)
+        ctx.close()
+        staging.close()
+
+
+def _migrate_entity(ctx: steps.RunContext, entity, manifest: Manifest) -> None:
+    state: dict[str, Any] = manifest.entities.setdefault(entity.name, {})
+    connector = ctx.connector(entity.source, "source")
+    source = connector.open_source(entity)
+    ctx.progress.stage(entity.name, "extract")
+    steps.check_source_schema(ctx.mapping, entity, source, connector.describe())
+    ctx.staging.create_rows_table(entity)
+    seq = 0
+    try:
+        for batch_no, batch in enumerate(source.read(entity.source_columns, ctx.mapping.batch_size)):
+            seq += stage_batch_task(ctx, entity, batch_no, seq, batch)
+    finally:
+        source.close()
+    ctx.progress.done(entity.name, "extract")
+    state["extract"] = "done"
+    ctx.run.write_manifest(manifest)
+
+    dedupe_task(ctx, entity)
+    state["dedupe"] = "done"
+
+    target = ctx.target(entity.target)
+    target.prepare(entity, ctx.dry_run)
+    ranges = steps.load_ranges(ctx, entity)
+    ctx.progress.stage(entity.name, "load", sum(b - a + 1 for a, b in ranges))
+    for first, last in ranges:
+        load_batch_task(ctx, entity, first, last)
+    ctx.progress.done(entity.name, "load")
+    state["load"] = "done" if not ctx.dry_run else "planned"
+    ctx.run.write_manifest(manifest)
+
+
+def start_run(mapping_path: str | Path, dry_run: bool = False, run_id: str | None = None) -> tuple[RunDir, dict]:
+    """Create the run directory and manifest, then run the flow. Returns the run and its reconciliation."""
+    from crmbridge.runs import create_run
+
+    mapping = load_mapping(mapping_path)
+    run = create_run(mapping.state_dir, run_id)
+    manifest = Manifest(run_id=run.run_id, mapping_name=mapping.name, mapping_path=str(mapping.path),
+                        mapping_sha256=mapping.sha256, dry_run=dry_run, started_at=_now())
+    run.write_manifest(manifest)
+    handler = logging.FileHandler(run.log_path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("crmbridge")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        result = migrate_flow(str(mapping.path), run.run_id, str(mapping.state_dir), dry_run)
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+    return run, result
+
+
+__all__ = ["asdict", "migrate_flow", "start_run"]
