@@ -134,8 +134,9 @@ def run(
     """Run the migration as a Prefect flow and print its reconciliation."""
     from crmbridge.flows.prefect_env import configure_prefect
 
-    configure_prefect(verbose)
+    how = configure_prefect(verbose)
     mapping = _load(mapping_file)
+    console.print(f"[dim]{how}[/]", highlight=False)
     started = time.perf_counter()
     from crmbridge.flows import migrate
 
@@ -231,6 +232,41 @@ def quarantine(
         console.print(f"{len(frame)} quarantined rows written to {output}")
     else:
         frame.to_csv(sys.stdout, index=False)
+
+
+server_app = typer.Typer(help="A persistent local Prefect server, so runs start in under a second.",
+                         no_args_is_help=True)
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start")
+def server_start(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 4280) -> None:
+    """Start the server in the background (its state lives in ~/.crmbridge, or $CRMBRIDGE_HOME)."""
+    from crmbridge.flows.prefect_env import start_server
+
+    try:
+        info = start_server(port)
+    except RuntimeError as error:
+        raise _fail(str(error)) from None
+    console.print(f"Prefect server running at {info.api_url} (pid {info.pid}); UI at "
+                  f"http://127.0.0.1:{info.port}")
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the background server."""
+    from crmbridge.flows.prefect_env import stop_server
+
+    console.print("stopped" if stop_server() else "no server was started by crmbridge")
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Say whether runs will use the persistent server."""
+    from crmbridge.flows.prefect_env import running_server
+
+    info = running_server()
+    console.print(f"running at {info.api_url} (pid {info.pid})" if info else "not running")
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from rich.console import Console
@@ -10,8 +11,9 @@ from rich.table import Table
 
 from crmbridge.flows.reconcile import BUCKETS
 
-console = Console()
-errors = Console(stderr=True)
+# Piped output (CI logs, files) gets a width that fits the reconciliation table instead of 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 120)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
 def reconciliation_table(data: dict[str, Any], dry_run: bool = False) -> Table:

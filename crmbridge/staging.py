@@ -54,7 +54,9 @@ class Staging:
         self.con.execute(_SCHEMA)
 
     def close(self) -> None:
+        # Drop the handle too: a failed run's traceback may keep this object alive until exit.
         self.con.close()
+        self.con = None  # type: ignore[assignment]
 
     # --- rows ---------------------------------------------------------------------------------------
 

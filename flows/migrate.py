@@ -4,6 +4,7 @@ stage -> dedupe -> load -> reconcile. Tasks are per batch, never per row."""
 from __future__ import annotations
 
 import logging
+import traceback
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,8 +67,14 @@ def migrate_flow(mapping_path: str, run_id: str, state_dir: str, dry_run: bool =
     logger = get_run_logger()
     audit.append("run_started", dry_run=dry_run, entities=[e.name for e in mapping.load_order()])
     try:
-        for entity in mapping.load_order():
-            _migrate_entity(ctx, entity, manifest)
+        order = mapping.load_order()
+        # Stage every entity before loading any: a bad source fails the run before the target changes.
+        for entity in order:
+            _stage_entity(ctx, entity, manifest)
+        for entity in order:  # every target table checked (or created) before the first write
+            ctx.target(entity.target).prepare(entity, ctx.dry_run)
+        for entity in order:
+            _load_entity(ctx, entity, manifest)
         results = steps.reconcile(ctx)
         reconciliation = {"run_id": run_id, "dry_run": dry_run, "entities": [r.as_dict() for r in results]}
         run.write_reconciliation(reconciliation)
@@ -83,6 +90,9 @@ def migrate_flow(mapping_path: str, run_id: str, state_dir: str, dry_run: bool =
         manifest.error = redact(str(error)) if isinstance(error, CrmbridgeError) else type(error).__name__
         audit.append("run_finished", outcome="failed", reason=type(error).__name__)
         logger.error("run %s failed: %s", run_id, manifest.error)
+        # The traceback's frames hold the staging connection; Prefect keeps the exception in the flow
+        # state until exit, so drop those locals now rather than leak the DuckDB handles.
+        traceback.clear_frames(error.__traceback__)
         raise
     finally:
         manifest.finished_at = _now()
@@ -91,7 +101,7 @@ def migrate_flow(mapping_path: str, run_id: str, state_dir: str, dry_run: bool =
         staging.close()
 
 
-def _migrate_entity(ctx: steps.RunContext, entity, manifest: Manifest) -> None:
+def _stage_entity(ctx: steps.RunContext, entity, manifest: Manifest) -> None:
     state: dict[str, Any] = manifest.entities.setdefault(entity.name, {})
     connector = ctx.connector(entity.source, "source")
     source = connector.open_source(entity)
@@ -111,8 +121,9 @@ def _migrate_entity(ctx: steps.RunContext, entity, manifest: Manifest) -> None:
     dedupe_task(ctx, entity)
     state["dedupe"] = "done"
 
-    target = ctx.target(entity.target)
-    target.prepare(entity, ctx.dry_run)
+
+def _load_entity(ctx: steps.RunContext, entity, manifest: Manifest) -> None:
+    state: dict[str, Any] = manifest.entities.setdefault(entity.name, {})
     ranges = steps.load_ranges(ctx, entity)
     ctx.progress.stage(entity.name, "load", sum(b - a + 1 for a, b in ranges))
     for first, last in ranges:
