@@ -152,7 +152,8 @@ def run(
 
             migrate.progress_reporter = NoProgress()
     console.print(reconciliation_table(result, dry_run))
-    console.print(f"run [bold]{run_dir.run_id}[/] finished in {time.perf_counter() - started:.1f}s; "
+    waited = f" (first rows moved after {bars.first_rows_at - started:.1f}s)" if bars.first_rows_at else ""
+    console.print(f"run [bold]{run_dir.run_id}[/] finished in {time.perf_counter() - started:.1f}s{waited}; "
                   f"details: {run_dir.path}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 from rich.console import Console
@@ -40,6 +41,7 @@ class RichProgress:
                              MofNCompleteColumn(), TextColumn("rows"), TimeElapsedColumn(), console=console)
         self.tasks: dict[tuple[str, str], Any] = {}
         self.counts: dict[tuple[str, str], int] = {}
+        self.first_rows_at: float | None = None  # perf_counter() when the first batch was staged
 
     def __enter__(self) -> RichProgress:
         self.bars.start()
@@ -54,6 +56,8 @@ class RichProgress:
     def advance(self, entity: str, stage: str, rows: int) -> None:
         if (entity, stage) not in self.tasks:
             self.stage(entity, stage)
+        if self.first_rows_at is None:
+            self.first_rows_at = time.perf_counter()
         self.counts[(entity, stage)] = self.counts.get((entity, stage), 0) + rows
         self.bars.advance(self.tasks[(entity, stage)], rows)
 
