@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
+from crmbridge.connectors.base import ColumnInfo, Connector, ExistingRow, SourceBatch, WriteFailure
+from crmbridge.mappings.envvars import redact_url_password
+from crmbridge.mappings.model import Entity
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, NoSuchTableError, SQLAlchemyError
 
-from crmbridge.connectors.base import ColumnInfo, Connector, ExistingRow, SourceBatch, WriteFailure
-from crmbridge.errors import SourceError, TargetError
-from crmbridge.mappings.envvars import redact_url_password
-from crmbridge.mappings.model import Entity
+from crmbridge.errors import CrmbridgeError, SourceError, TargetError
 from crmbridge.values import column_from_values
 
 _DEFAULT_DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg",
                     "mysql": "mysql+pymysql", "mariadb": "mariadb+pymysql"}
 _IN_CHUNK = 2000  # bind parameters per IN (...) list, well below every dialect's limit
+_CONNECT_TIMEOUT = 10  # seconds; libpq would otherwise wait forever for an unanswering host
+# MySQL/MariaDB outside strict mode store '' for a NULL in a NOT NULL column of a multi-row INSERT and
+# silently truncate long values; strict mode makes the server refuse such rows, so they are reported.
+_MYSQL_STRICT = "SET SESSION sql_mode = TRIM(BOTH ',' FROM CONCAT(@@SESSION.sql_mode, ',STRICT_ALL_TABLES'))"
+
+
+def _error_class(role: str) -> type[CrmbridgeError]:
+    return TargetError if role == "target" else SourceError
 
 
 class SqlConnector(Connector):
@@ -32,16 +44,21 @@ class SqlConnector(Connector):
 
     @property
     def url(self) -> URL:
+        return self._parse_url("source")
+
+    def _parse_url(self, role: str) -> URL:
         raw = self.connection.options.get("url")
         if not raw:
-            raise SourceError(f"`{self.connection.name}` needs a `url`")
+            raise _error_class(role)(f"{role} `{self.connection.name}` needs a `url`")
         try:
             url = make_url(raw)
         except ArgumentError:
-            raise SourceError(f"`{self.connection.name}`: `url` is not a valid SQLAlchemy URL") from None
+            raise _error_class(role)(f"{role} `{self.connection.name}`: `url` is not a valid "
+                                     "SQLAlchemy URL") from None
         if url.drivername in _DEFAULT_DRIVERS:
             url = url.set(drivername=_DEFAULT_DRIVERS[url.drivername])
-        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        if (url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:"
+                and not url.database.startswith("file:")):  # a `file:` URI is passed on as written
             path = self.base_dir / url.database  # relative SQLite paths are relative to the mapping
             url = url.set(database=str(path))
         return url
@@ -51,20 +68,43 @@ class SqlConnector(Connector):
 
     @property
     def engine(self) -> Engine:
+        return self.engine_for("source")
+
+    def engine_for(self, role: str) -> Engine:
         if self._engine is None:
+            url = self._parse_url(role)
+            connect_args: dict[str, Any] = {}
+            if url.get_driver_name().startswith("psycopg") and "connect_timeout" not in url.query:
+                connect_args["connect_timeout"] = _CONNECT_TIMEOUT
             try:
-                self._engine = sa.create_engine(self.url, pool_pre_ping=True)
+                engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
             except (ArgumentError, NoSuchModuleError, ImportError) as error:
-                raise SourceError(f"`{self.connection.name}`: cannot use {self.describe()} ({error})") from None
+                raise _error_class(role)(f"{role} `{self.connection.name}`: cannot use {self.describe()} "
+                                         f"({_hide_password(_first_line(error), url)})") from None
+            if engine.dialect.name in ("mysql", "mariadb"):
+                sa.event.listen(engine, "connect", _strict_mysql_session)
+            self._engine = engine
         return self._engine
 
     def connect(self, role: str) -> sa.Connection:
+        engine = self.engine_for(role)
+        url = engine.url
+        if (role == "source" and url.get_backend_name() == "sqlite" and url.database
+                and url.database != ":memory:" and not url.database.startswith("file:")
+                and not Path(url.database).is_file()):
+            # SQLite would silently create an empty database and report a missing table instead.
+            raise SourceError(f"cannot open source `{self.connection.name}` ({self.describe()}): "
+                              "the database file does not exist")
         try:
-            return self.engine.connect()
+            return engine.connect()
         except DBAPIError as error:
-            cls = TargetError if role == "target" else SourceError
-            raise cls(f"cannot connect to {role} `{self.connection.name}` ({self.describe()}): "
-                      f"{_first_line(error.orig)}") from None
+            reason = _hide_password(_first_line(error.orig), url)
+            raise _error_class(role)(f"cannot connect to {role} `{self.connection.name}` "
+                                     f"({self.describe()}): {reason}") from None
+
+    def dispose(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
 
     def open_source(self, entity: Entity) -> SqlSource:
         return SqlSource(self, entity)
@@ -73,10 +113,41 @@ class SqlConnector(Connector):
         return SqlTarget(self)
 
 
+def _strict_mysql_session(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(_MYSQL_STRICT)
+    finally:
+        cursor.close()
+
+
 def _first_line(error: BaseException | None) -> str:
     """The first line of a driver's connection error, with any URL password removed."""
     text = str(error or "unknown error").strip().splitlines()
     return redact_url_password(text[0] if text else "unknown error")
+
+
+def _hide_password(text: str, url: URL) -> str:
+    """`text` without the URL's password, should a driver ever echo it in an error."""
+    password = str(url.password) if url.password else ""
+    return text.replace(password, "***") if len(password) >= 3 else text
+
+
+def _as_subquery_text(query: str) -> str:
+    """A user's SELECT made safe to wrap as `(...) AS q`: no trailing `;`, a line break so a trailing
+    `-- comment` cannot swallow the `)`, and every `:` literal (SQLAlchemy would take `:name` for a bind
+    parameter, e.g. inside a string constant; `\\:` renders as `:`, so `::` casts keep working)."""
+    return query.strip().rstrip(";").rstrip().replace(":", "\\:") + "\n"
+
+
+def _column_info(column: sa.Column, dialect: sa.Dialect) -> ColumnInfo:
+    kind = type_category(column.type)
+    aware = bool(getattr(column.type, "timezone", False)) if kind == "timestamp" else None
+    try:  # the database's own spelling, e.g. `TIMESTAMP WITHOUT TIME ZONE` rather than `TIMESTAMP`
+        native = column.type.compile(dialect=dialect)
+    except SQLAlchemyError:
+        native = str(column.type)
+    return ColumnInfo(column.name, kind, native, aware)
 
 
 def type_category(sql_type: sa.types.TypeEngine) -> str:
@@ -101,6 +172,7 @@ class SqlSource:
     def __init__(self, connector: SqlConnector, entity: Entity):
         self.connector, self.entity = connector, entity
         self.schema = connector.connection.options.get("schema")
+        self.query = _as_subquery_text(entity.query) if entity.query else None
 
     def _table(self, conn: sa.Connection) -> sa.Table:
         try:
@@ -113,27 +185,28 @@ class SqlSource:
         with self.connector.connect("source") as conn:
             if self.entity.table:
                 table = self._table(conn)
-                return [
-                    ColumnInfo(c.name, type_category(c.type), str(c.type),
-                               getattr(c.type, "timezone", None) if type_category(c.type) == "timestamp" else None)
-                    for c in table.columns
-                ]
+                return [_column_info(c, conn.dialect) for c in table.columns]
             try:
-                result = conn.execute(sa.text(f"SELECT * FROM ({self.entity.query}) AS q WHERE 1 = 0"))
+                result = conn.execute(sa.text(f"SELECT * FROM ({self.query}) AS q WHERE 1 = 0"))
             except SQLAlchemyError as error:
                 raise SourceError(f"entity `{self.entity.name}`: the source query failed "
                                   f"({type(getattr(error, 'orig', error)).__name__})") from None
-            return [ColumnInfo(name, "unknown") for name in result.keys()]
+            return [ColumnInfo(name, "unknown") for name in result.keys()]  # noqa: SIM118 (a Result is not a dict)
 
     def _select(self, conn: sa.Connection, columns: Sequence[str]) -> sa.Executable:
+        # Ordered by key so a batch boundary means the same rows on every run (needed to resume).
         if self.entity.table:
             table = self._table(conn)
+            missing = [c for c in columns if c not in table.c]
+            if missing:
+                raise SourceError(f"entity `{self.entity.name}`: source table `{self.entity.table}` has no "
+                                  f"column(s) {', '.join(f'`{c}`' for c in missing)}")
             keys = [table.c[k] for k in self.entity.key if k in table.c]
-            # Ordered by key so a batch boundary means the same rows on every run (needed to resume).
             return sa.select(*(table.c[c] for c in columns)).order_by(*keys)
-        query = sa.text(self.entity.query).columns(*(sa.column(c) for c in columns))
+        query = sa.text(self.query).columns(*(sa.column(c) for c in columns))
         subquery = query.subquery("q")
-        return sa.select(*(subquery.c[c] for c in columns))
+        keys = [subquery.c[k] for k in self.entity.key if k in subquery.c]
+        return sa.select(*(subquery.c[c] for c in columns)).order_by(*keys)
 
     def read(self, columns: Sequence[str], batch_size: int) -> Iterator[SourceBatch]:
         position = 0
@@ -143,27 +216,33 @@ class SqlSource:
                 result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(statement)
                 for rows in result.partitions(batch_size):
                     values = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
-                    frame = pd.DataFrame({c: column_from_values(v, c) for c, v in zip(columns, values, strict=True)})
+                    frame = pd.DataFrame({c: column_from_values(v, c)
+                                          for c, v in zip(columns, values, strict=True)})
                     numbers = np.arange(position + 1, position + len(rows) + 1)
                     position += len(rows)
                     yield SourceBatch(frame, numbers)
             except DBAPIError as error:
-                raise SourceError(f"entity `{self.entity.name}`: reading source `{self.connector.connection.name}` "
-                                  f"failed after row {position} ({type(error.orig).__name__})") from None
+                # Only the error class: the database's message can echo values.
+                raise SourceError(f"entity `{self.entity.name}`: reading source "
+                                  f"`{self.connector.connection.name}` failed after row {position} "
+                                  f"({type(error.orig).__name__})") from None
 
     def close(self) -> None:
         pass
 
 
 def _sql_type(kind: str, max_length: int | None) -> sa.types.TypeEngine:
+    # MySQL/MariaDB TEXT holds only 64 KiB; an unbounded string needs LONGTEXT there.
+    unbounded = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
     return {
-        "string": sa.String(max_length) if max_length else sa.Text(),
+        "string": sa.String(max_length) if max_length else unbounded,
         "integer": sa.BigInteger(),
         "decimal": sa.Numeric(30, 8),
         "float": sa.Float(),
         "boolean": sa.Boolean(),
         "date": sa.Date(),
-        "timestamp": sa.DateTime(timezone=True),
+        # MySQL/MariaDB DATETIME would drop the microseconds without an explicit precision.
+        "timestamp": sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"),
     }[kind]
 
 
@@ -172,6 +251,7 @@ class SqlTarget:
         self.connector = connector
         self.schema = connector.connection.options.get("schema")
         self._tables: dict[str, sa.Table] = {}
+        self._naive_utc: dict[str, list[str]] = {}  # entity -> timestamp fields written as naive UTC
         self._conn: sa.Connection | None = None
 
     @property
@@ -182,23 +262,31 @@ class SqlTarget:
 
     @property
     def dialect(self) -> str:
-        return self.connector.engine.dialect.name
+        return self.connector.engine_for("target").dialect.name
 
     def table(self, entity: Entity) -> sa.Table:
         return self._tables[entity.name]
 
     def prepare(self, entity: Entity, dry_run: bool) -> None:
+        try:
+            self._prepare(entity, dry_run)
+        finally:
+            if self._conn is not None:  # end reflection's transaction: it would hold MariaDB metadata locks
+                with contextlib.suppress(SQLAlchemyError):  # a broken connection fails the next use anyway
+                    self._conn.rollback()
+
+    def _prepare(self, entity: Entity, dry_run: bool) -> None:
         name = entity.target_table
         try:
             table = sa.Table(name, sa.MetaData(), autoload_with=self.conn, schema=self.schema)
         except NoSuchTableError:
             self.conn.rollback()
             if not entity.create_table:
-                raise TargetError(f"entity `{entity.name}`: target `{self.connector.connection.name}` has no table "
-                                  f"`{name}` (create it, or set `create_table: true`)") from None
+                raise TargetError(f"entity `{entity.name}`: target `{self.connector.connection.name}` has no "
+                                  f"table `{name}` (create it, or set `create_table: true`)") from None
             table = self._define(entity)
             if dry_run:
-                self._tables[entity.name] = table
+                self._register(entity, table)
                 return
             table.create(self.conn)
             self.conn.commit()
@@ -208,22 +296,42 @@ class SqlTarget:
             raise TargetError(f"entity `{entity.name}`: target table `{name}` has no column(s) "
                               f"{', '.join(f'`{c}`' for c in missing)}")
         if not self._is_unique(table, entity.external_id_column):
-            raise TargetError(f"entity `{entity.name}`: target column `{name}.{entity.external_id_column}` must be "
-                              "unique (a primary key or unique index) so writes can upsert on it")
+            raise TargetError(f"entity `{entity.name}`: target column `{name}.{entity.external_id_column}` "
+                              "must be unique (a primary key or unique index) so writes can upsert on it")
+        self._register(entity, table)
+
+    def _register(self, entity: Entity, table: sa.Table) -> None:
         self._tables[entity.name] = table
+        # Only PostgreSQL's timestamptz keeps an offset; the other dialects drop it and would store the
+        # wall-clock time, so they get naive UTC (which is what `canonical` reads a naive value as).
+        self._naive_utc[entity.name] = [
+            name for name, spec in entity.fields.items()
+            if spec.type == "timestamp"
+            and not (self.dialect == "postgresql" and getattr(table.c[name].type, "timezone", False))
+        ]
+
+    def _bindable(self, entity: Entity, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows with their timestamps as the target column stores them (see `_register`)."""
+        columns = [c for c in self._naive_utc.get(entity.name, ()) if c in rows[0]]
+        if not columns:
+            return rows
+        return [_with_naive_utc(row, columns) for row in rows]
 
     def _define(self, entity: Entity) -> sa.Table:
         ext = entity.external_id_column
         columns: list[sa.Column] = []
         if entity.target_key_column != ext:
-            columns.append(sa.Column(entity.target_key_column, sa.Integer, primary_key=True, autoincrement=True))
+            columns.append(sa.Column(entity.target_key_column, sa.Integer, primary_key=True,
+                                     autoincrement=True))
             columns.append(sa.Column(ext, sa.String(64), nullable=False, unique=True))
         else:
             columns.append(sa.Column(ext, sa.String(64), primary_key=True))
         for spec in entity.fields.values():
-            kind = "string" if spec.ref and entity.target_key_column == ext else spec.type
-            columns.append(sa.Column(spec.name, _sql_type(kind, spec.max_length)))
-        return sa.Table(entity.target_table, sa.MetaData(), *columns, schema=self.schema)
+            # A reference holds the parent's target key, converted to the field's declared type on load.
+            columns.append(sa.Column(spec.name, _sql_type(spec.type, spec.max_length)))
+        # MariaDB's `utf8` is 3-byte: emoji and rare CJK characters need utf8mb4 whatever the server default.
+        return sa.Table(entity.target_table, sa.MetaData(), *columns, schema=self.schema,
+                        mysql_charset="utf8mb4")
 
     def _is_unique(self, table: sa.Table, column: str) -> bool:
         if [c.name for c in table.primary_key.columns] == [column]:
@@ -243,11 +351,39 @@ class SqlTarget:
             return {}
         ext, key = table.c[entity.external_id_column], table.c[entity.target_key_column]
         fields = [table.c[f] for f in entity.fields]
+        fields_names = list(entity.fields)
         found: dict[str, ExistingRow] = {}
+        dialect = self.conn.dialect
+        if dialect.name == "sqlite":  # a page cache (KiB) that holds a large external-id index, not 2 MiB
+            self.conn.exec_driver_sql("PRAGMA cache_size = -65536")
+        # Each IN-list size is compiled once and run on the driver; the values are converted with the bind
+        # and result processors SQLAlchemy would apply, column by column rather than row by row.
+        compiled: dict[int, Any] = {}
         for start in range(0, len(external_ids), _IN_CHUNK):
             chunk = list(external_ids[start:start + _IN_CHUNK])
-            for row in self.conn.execute(sa.select(ext, key, *fields).where(ext.in_(chunk))):
-                found[row[0]] = ExistingRow(row[1], dict(zip(entity.fields, row[2:], strict=True)))
+            if len(chunk) not in compiled:
+                binds = {f"ext{i}": i for i in range(len(chunk))}
+                query = sa.select(ext, key, *fields).where(
+                    ext.in_([sa.bindparam(name, type_=ext.type) for name in binds])).compile(dialect=dialect)
+                names = list(query.positiontup) if query.positional else list(binds)
+                compiled[len(chunk)] = (query, [(query.escaped_bind_names.get(n, n), binds[n],
+                                                 query._bind_processors.get(n)) for n in names])
+            query, slots = compiled[len(chunk)]
+            values = [chunk[i] if process is None else process(chunk[i]) for _, i, process in slots]
+            params: Any = (tuple(values) if query.positional
+                           else dict(zip((name for name, _, _ in slots), values, strict=True)))
+            result = self.conn.exec_driver_sql(query.string, params)
+            coltypes = [d[1] for d in result.cursor.description]
+            rows = result.fetchall()
+            if not rows:
+                continue
+            columns = [list(c) for c in zip(*rows, strict=True)]
+            for i, (column, coltype) in enumerate(zip((ext, key, *fields), coltypes, strict=True)):
+                process = column.type._cached_result_processor(dialect, coltype)
+                if process is not None:
+                    columns[i] = list(map(process, columns[i]))
+            for ext_id, target_key, *values in zip(*columns, strict=True):
+                found[ext_id] = ExistingRow(target_key, dict(zip(fields_names, values, strict=True)))
         self.conn.rollback()  # end the read transaction; MariaDB would otherwise keep a stale snapshot
         return found
 
@@ -281,27 +417,58 @@ class SqlTarget:
     def write(self, entity: Entity, rows: list[dict[str, Any]]) -> list[WriteFailure]:
         if not rows:
             return []
+        rows = self._bindable(entity, rows)
         statement = self._upsert(entity, list(rows[0]))
+        if self.dialect == "sqlite":  # a page cache (KiB) that holds a large external-id index, not 2 MiB
+            self.conn.exec_driver_sql("PRAGMA cache_size = -65536")
         failures: list[WriteFailure] = []
         self._write_isolating_failures(entity, statement, rows, failures)
         return failures
 
     def _write_isolating_failures(self, entity, statement, rows, failures: list[WriteFailure]) -> None:
-        """Write in one go; if the target refuses, bisect to find the refused rows and write the rest."""
+        """Write in one go; if the target refuses, bisect to find the refused rows and write the rest.
+
+        The statement is compiled once and the rows go to the driver's `executemany` as plain parameters,
+        through SQLAlchemy's own bind processors: the values `conn.execute(statement, rows)` would send,
+        without SQLAlchemy building and checking the parameters row by row (most of the write time).
+        """
         try:
-            self.conn.execute(statement, rows)
+            compiled = statement.compile(dialect=self.conn.dialect, column_keys=list(rows[0]))
+            processors = compiled._bind_processors  # exactly the conversions `conn.execute` applies
+            names = list(compiled.positiontup) if compiled.positional else list(compiled.binds)
+            keys = [compiled.binds[name].key for name in names]
+            escaped = [compiled.escaped_bind_names.get(name, name) for name in names]
+        except AttributeError:  # compiler internals moved: let SQLAlchemy build the parameters itself
+            compiled = None
+        try:
+            if compiled is None:
+                self.conn.execute(statement, rows)
+            else:
+                try:
+                    columns = [[row[key] for row in rows] for key in keys]
+                    for i, name in enumerate(names):
+                        if processors.get(name) is not None:
+                            columns[i] = list(map(processors[name], columns[i]))
+                except Exception as error:  # what SQLAlchemy reports as a StatementError
+                    raise sa.exc.StatementError("a value could not be bound", None, None, error) from None
+                params = list(zip(*columns, strict=True))
+                if not compiled.positional:
+                    params = [dict(zip(escaped, values, strict=True)) for values in params]
+                self.conn.exec_driver_sql(compiled.string, params)
             self.conn.commit()
             return
         except sa.exc.OperationalError as error:
             self.conn.rollback()
             if _is_connection_error(error):
                 raise TargetError(f"entity `{entity.name}`: lost the connection to target "
-                                  f"`{self.connector.connection.name}` ({type(error.orig).__name__})") from None
+                                  f"`{self.connector.connection.name}` "
+                                  f"({type(error.orig).__name__})") from None
             if len(rows) > 1:
                 self._bisect(entity, statement, rows, failures)
             else:
                 failures.append(_failure(entity, rows[0], error))
-        except (sa.exc.IntegrityError, sa.exc.DataError, sa.exc.ProgrammingError, sa.exc.StatementError) as error:
+        except (sa.exc.IntegrityError, sa.exc.DataError, sa.exc.ProgrammingError,
+                sa.exc.StatementError) as error:
             self.conn.rollback()
             if len(rows) > 1:
                 self._bisect(entity, statement, rows, failures)
@@ -317,7 +484,13 @@ class SqlTarget:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-        self.connector.engine.dispose()
+        self.connector.dispose()
+
+
+def _with_naive_utc(row: dict[str, Any], columns: list[str]) -> dict[str, Any]:
+    changed = {c: row[c].astimezone(dt.UTC).replace(tzinfo=None) for c in columns
+               if isinstance(row[c], dt.datetime) and row[c].tzinfo is not None}
+    return {**row, **changed} if changed else row
 
 
 def _is_connection_error(error: DBAPIError) -> bool:
@@ -327,8 +500,11 @@ def _is_connection_error(error: DBAPIError) -> bool:
 def _failure(entity: Entity, row: dict[str, Any], error: SQLAlchemyError) -> WriteFailure:
     """Describe a refused row by error class and SQLSTATE, never by the message (it can echo values)."""
     orig = getattr(error, "orig", None) or error
-    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    if code is None and getattr(orig, "args", None) and isinstance(orig.args[0], int):
-        code = orig.args[0]  # MySQL error number
+    args = getattr(orig, "args", None)
+    if args and isinstance(args[0], int):
+        code = args[0]  # MySQL error number: 1048 says more than the SQLSTATE class 23000
+    else:
+        code = (getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+                or getattr(orig, "sqlite_errorname", None))  # e.g. SQLITE_CONSTRAINT_NOTNULL
     detail = type(orig).__name__ + (f" (code {code})" if code else "")
     return WriteFailure(str(row[entity.external_id_column]), "target_rejected", detail)

@@ -14,6 +14,7 @@ from typing import Any
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
 
 from crmbridge.mappings.model import Entity
 
@@ -29,8 +30,13 @@ CREATE TABLE IF NOT EXISTS ledger (
     entity VARCHAR, row_no BIGINT, source_key VARCHAR, external_id VARCHAR, target_key VARCHAR,
     action VARCHAR, changed VARCHAR[], before_image JSON
 );
-CREATE TABLE IF NOT EXISTS stages (entity VARCHAR, stage VARCHAR, status VARCHAR, noted_at TIMESTAMPTZ DEFAULT now());
+CREATE TABLE IF NOT EXISTS stages (
+    entity VARCHAR, stage VARCHAR, status VARCHAR, noted_at TIMESTAMPTZ DEFAULT now()
+);
 """
+
+
+_FEW = 64  # below this many rows, a plain executemany is cheaper than a columnar insert
 
 
 def table_name(entity: Entity) -> str:
@@ -80,16 +86,33 @@ class Staging:
                 self.con.execute(f'INSERT INTO "{table_name(entity)}" SELECT * FROM batch_frame')
                 self.con.unregister("batch_frame")
             self.add_quarantine(entity, quarantined)
-            self.con.execute("INSERT INTO source_counts VALUES (?, ?, ?)", [entity.name, batch_no, source_rows])
+            self.con.execute("INSERT INTO source_counts VALUES (?, ?, ?)",
+                             [entity.name, batch_no, source_rows])
             self.con.commit()
         except BaseException:
             self.con.rollback()
             raise
 
     def add_quarantine(self, entity: Entity, records: Iterable[QuarantineRecord]) -> None:
-        rows = [(entity.name, r.row_no, r.source_key, r.stage, r.reason, json.dumps(r.problems)) for r in records]
-        if rows:
-            self.con.executemany("INSERT INTO quarantine VALUES (?, ?, ?, ?, ?, ?)", rows)
+        rows = [(r.row_no, r.source_key, r.stage, r.reason, json.dumps(r.problems)) for r in records]
+        if not rows:
+            return
+        if len(rows) < _FEW or not all(r[1] is None or type(r[1]) is str for r in rows):
+            self.con.executemany("INSERT INTO quarantine VALUES (?, ?, ?, ?, ?, ?)",
+                                 [(entity.name, *row) for row in rows])
+            return
+        # Many rows: one columnar insert (DuckDB's executemany runs one statement per row).
+        row_no, source_key, stage, reason, problems = zip(*rows, strict=True)
+        frame = pa.table({"row_no": pa.array(row_no, pa.int64()),
+                          "source_key": pa.array(source_key, pa.string()),
+                          "stage": pa.array(stage, pa.string()), "reason": pa.array(reason, pa.string()),
+                          "problems": pa.array(problems, pa.string())})
+        self.con.register("quarantine_frame", frame)
+        try:
+            self.con.execute("INSERT INTO quarantine SELECT ?, row_no, source_key, stage, reason, "
+                             "problems::JSON FROM quarantine_frame", [entity.name])
+        finally:
+            self.con.unregister("quarantine_frame")
 
     def quarantine_duplicate_keys(self, entity: Entity) -> int:
         """Keep the first row of every source key; later rows with the same key go to quarantine."""
@@ -120,6 +143,14 @@ class Staging:
         For every reference field `F`, adds `F__resolved` (1 when the parent was loaded, or in a dry run
         would be). A parent row that is in the ledger but not yet in the target (dry run) resolves to NULL.
         """
+        del dry_run
+        return self.con.execute(self._load_query(entity), [first_seq, last_seq]).df()
+
+    def rows_for_load_arrow(self, entity: Entity, first_seq: int, last_seq: int) -> pa.Table:
+        """`rows_for_load` as an Arrow table (no pandas round trip; the load step wants Python values)."""
+        return self.con.execute(self._load_query(entity), [first_seq, last_seq]).to_arrow_table()
+
+    def _load_query(self, entity: Entity) -> str:
         select = ["s.*"]
         joins = []
         for i, spec in enumerate(f for f in entity.fields.values() if f.ref):
@@ -128,10 +159,8 @@ class Staging:
                          f'AND {alias}.source_key = s."{spec.name}"')
             select.append(f'{alias}.target_key AS "{spec.name}__target"')
             select.append(f'({alias}.entity IS NOT NULL) AS "{spec.name}__resolved"')
-        sql = (f'SELECT {", ".join(select)} FROM "{table_name(entity)}" s {" ".join(joins)} '
-               f"WHERE s._seq BETWEEN ? AND ? ORDER BY s._seq")
-        del dry_run
-        return self.con.execute(sql, [first_seq, last_seq]).df()
+        return (f'SELECT {", ".join(select)} FROM "{table_name(entity)}" s {" ".join(joins)} '
+                f"WHERE s._seq BETWEEN ? AND ? ORDER BY s._seq")
 
     def preview_rows(self, entity: Entity, limit: int) -> pd.DataFrame:
         return self.con.execute(f'SELECT * FROM "{table_name(entity)}" ORDER BY _seq LIMIT ?', [limit]).df()
@@ -147,12 +176,41 @@ class Staging:
         frame.insert(0, "entity", entity.name)
         frame["target_key"] = frame["target_key"].map(lambda v: None if v is None else str(v))
         self.con.register("ledger_frame", frame)
-        self.con.execute("INSERT INTO ledger SELECT entity, row_no, source_key, external_id, target_key, action, "
-                         "changed::VARCHAR[], before_image::JSON FROM ledger_frame")
+        self.con.execute("INSERT INTO ledger SELECT entity, row_no, source_key, external_id, target_key, "
+                         "action, changed::VARCHAR[], before_image::JSON FROM ledger_frame")
         self.con.unregister("ledger_frame")
 
+    def add_ledger_columns(self, entity: Entity, row_no: list[int], source_key: list[str | None],
+                           external_id: list[str], target_key: list[Any], action: list[str],
+                           changed: list[list[str] | None], before_image: list[str | None],
+                           all_fields: list[str]) -> None:
+        """The ledger rows of one load batch, as columns (the fast path of `add_ledger`).
+
+        A `changed` entry of None stands for `all_fields` (every created row), so the common case does not
+        build one list per row.
+        """
+        if not row_no:
+            return
+        frame = pa.table({
+            "row_no": pa.array(row_no, pa.int64()),
+            "source_key": pa.array(source_key, pa.string()),
+            "external_id": pa.array(external_id, pa.string()),
+            "target_key": pa.array([None if v is None else str(v) for v in target_key], pa.string()),
+            "action": pa.array(action, pa.string()),
+            "changed": pa.array(changed, pa.list_(pa.string())),
+            "before_image": pa.array(before_image, pa.string()),
+        })
+        self.con.register("ledger_frame", frame)
+        try:
+            self.con.execute("INSERT INTO ledger SELECT ?, row_no, source_key, external_id, target_key, "
+                             "action, coalesce(changed, ?::VARCHAR[]), before_image::JSON FROM ledger_frame",
+                             [entity.name, all_fields])
+        finally:
+            self.con.unregister("ledger_frame")
+
     def mark(self, entity: str, stage: str, status: str) -> None:
-        self.con.execute("INSERT INTO stages (entity, stage, status) VALUES (?, ?, ?)", [entity, stage, status])
+        self.con.execute("INSERT INTO stages (entity, stage, status) VALUES (?, ?, ?)",
+                         [entity, stage, status])
 
     # --- counts -------------------------------------------------------------------------------------
 

@@ -76,6 +76,22 @@ def canonical(value: Any, kind: str) -> str | None:
     return str(value)
 
 
+# Per field type, the Python type whose equal values always have equal canonical forms (so the texts need
+# not be built). Floats have none: -0.0 == 0.0, but their forms differ; decimal zeros keep their sign.
+_PLAIN_TYPE = {"string": str, "integer": int, "decimal": Decimal, "boolean": bool, "date": dt.date,
+               "timestamp": dt.datetime}
+
+
+def same_value(a: Any, b: Any, kind: str) -> bool:
+    """`canonical(a, kind) == canonical(b, kind)`, without building the texts for plainly equal values."""
+    if a is None and b is None:
+        return True
+    plain = _PLAIN_TYPE.get(kind)
+    if type(a) is plain and type(b) is plain and a == b and not (plain is Decimal and a.is_zero()):
+        return True
+    return canonical(a, kind) == canonical(b, kind)
+
+
 def _utc_text(value: Any) -> str:
     if isinstance(value, str):
         value = dt.datetime.fromisoformat(value)

@@ -7,6 +7,7 @@ second. PREFECT_API_URL, when set, always wins (a team's shared server).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -106,9 +107,7 @@ def stop_server() -> bool:
     if not path.is_file():
         return False
     info = ServerInfo(**json.loads(path.read_text(encoding="utf-8")))
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(info.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
     path.unlink(missing_ok=True)
     return True

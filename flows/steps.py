@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from crmbridge.audit import AuditTrail
 from crmbridge.connectors import connector_for
@@ -24,7 +26,7 @@ from crmbridge.mappings.cleanse import cleanse
 from crmbridge.mappings.model import Entity, Mapping
 from crmbridge.runs import RunDir
 from crmbridge.staging import QuarantineRecord, Staging
-from crmbridge.values import canonical
+from crmbridge.values import canonical, same_value
 
 log = logging.getLogger("crmbridge.run")
 
@@ -61,7 +63,8 @@ class RunContext:
 
 _COMPATIBLE = {
     "string": {"string"}, "integer": {"integer"}, "decimal": {"decimal", "integer", "float"},
-    "float": {"float", "decimal", "integer"}, "boolean": {"boolean", "integer"}, "date": {"date", "timestamp"},
+    "float": {"float", "decimal", "integer"}, "boolean": {"boolean", "integer"},
+    "date": {"date", "timestamp"},
     "timestamp": {"timestamp"},
 }
 
@@ -89,12 +92,12 @@ def check_source_schema(mapping: Mapping, entity: Entity, source: Source, where:
         info = found.get(column)
         if (info and info.type == "timestamp" and info.timezone_aware is not True
                 and not mapping.timezone_for(entity, column)):
-            problems.append(f"column `{column}` holds naive timestamps ({info.native}); declare its time zone "
-                            "(`timezone` on the column, the source, or in settings)")
+            problems.append(f"column `{column}` holds naive timestamps ({info.native}); declare its time "
+                            "zone (`timezone` on the column, the source, or in settings)")
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems)
-        raise SchemaDriftError(f"entity `{entity.name}`: source `{entity.source}` ({where}) does not match the "
-                               f"mapping:\n{listing}\nfound columns: {', '.join(found)}")
+        raise SchemaDriftError(f"entity `{entity.name}`: source `{entity.source}` ({where}) does not match "
+                               f"the mapping:\n{listing}\nfound columns: {', '.join(found)}")
 
 
 # --- cleanse, validate, protect, stage -------------------------------------------------------------------
@@ -174,102 +177,146 @@ _CONVERTERS = {
     "decimal": lambda v: Decimal(str(v)),
     "float": float,
     "boolean": bool,
-    "date": lambda v: v if isinstance(v, dt.date) and not isinstance(v, dt.datetime) else pd.Timestamp(v).date(),
+    "date": lambda v: (v if isinstance(v, dt.date) and not isinstance(v, dt.datetime)
+                       else pd.Timestamp(v).date()),
     "timestamp": _to_timestamp,
 }
 
+# Staged column types whose Arrow values already are what the converter of the field type returns.
+_ARROW_NATIVE = {
+    "string": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
+    "integer": pa.types.is_integer,
+    "boolean": pa.types.is_boolean,
+    "date": pa.types.is_date32,
+}
+
+
+def _arrow_values(column: pa.ChunkedArray, kind: str) -> list[Any]:
+    """`_python_values` for a staged Arrow column, converting in bulk where the types allow."""
+    values = column.to_pylist()
+    native = _ARROW_NATIVE.get(kind)
+    if native is not None and native(column.type):
+        return values
+    if kind == "float" and pa.types.is_floating(column.type):
+        return [None if v is None or v != v else v for v in values]  # NaN is missing, as in pandas
+    if kind == "timestamp" and pa.types.is_timestamp(column.type) and column.type.tz == "UTC":
+        return [None if v is None else v.replace(tzinfo=dt.UTC) for v in values]
+    if kind == "decimal":
+        return [None if v is None else Decimal(str(v)) for v in values]
+    convert = _CONVERTERS.get(kind, lambda v: v)
+    return [None if v is None else convert(v) for v in values]
+
 
 def load_batch(ctx: RunContext, entity: Entity, first_seq: int, last_seq: int) -> dict[str, int]:
-    """Resolve references, compare with the target, upsert what changed and write the ledger."""
-    frame = ctx.staging.rows_for_load(entity, first_seq, last_seq, ctx.dry_run)
+    """Resolve references, compare with the target, upsert what changed and write the ledger.
+
+    Column-wise throughout: the staged rows arrive as Arrow columns, values are converted per column, and
+    per-row Python work is limited to comparing with rows the target already has.
+    """
+    table = ctx.staging.rows_for_load_arrow(entity, first_seq, last_seq)
     target = ctx.target(entity.target)
     quarantined: list[QuarantineRecord] = []
 
-    keep = pd.Series(True, index=frame.index)
+    keep = np.ones(table.num_rows, dtype=bool)
+    refs: dict[str, pa.ChunkedArray] = {}
     for spec in (f for f in entity.fields.values() if f.ref):
-        wanted = frame[spec.name].notna()
-        missing = wanted & ~frame[f"{spec.name}__resolved"].astype(bool)
-        for position in frame.index[missing & keep]:
-            quarantined.append(QuarantineRecord(
-                int(frame.at[position, "_row"]), frame.at[position, "_key"], "load", "unresolved_reference",
-                [{"field": spec.name, "code": "unresolved_reference",
-                  "detail": f"no loaded `{spec.ref}` row has this key"}]))
+        wanted = table.column(spec.name).is_valid().to_numpy(zero_copy_only=False)
+        resolved = table.column(f"{spec.name}__resolved").fill_null(False).to_numpy(zero_copy_only=False)
+        missing = wanted & ~resolved.astype(bool)
+        unresolved = np.flatnonzero(missing & keep)
+        if len(unresolved):
+            rows, keys = table.column("_row").take(unresolved), table.column("_key").take(unresolved)
+            for row_no, key in zip(rows.to_pylist(), keys.to_pylist(), strict=True):
+                quarantined.append(QuarantineRecord(
+                    row_no, key, "load", "unresolved_reference",
+                    [{"field": spec.name, "code": "unresolved_reference",
+                      "detail": f"no loaded `{spec.ref}` row has this key"}]))
         keep &= ~missing
-        frame[spec.name] = frame[f"{spec.name}__target"]
-    frame = frame[keep].reset_index(drop=True)
+        refs[spec.name] = table.column(f"{spec.name}__target")
+    if refs:
+        table = table.filter(pa.array(keep)) if not keep.all() else table
+        refs = {name: table.column(f"{name}__target") for name in refs}
 
-    exts = frame["_ext"].tolist()
-    desired = {name: _python_values(frame[name], spec.type) for name, spec in entity.fields.items()}
+    names = list(entity.fields)
+    kinds = [entity.fields[n].type for n in names]
+    exts: list[str] = table.column("_ext").to_pylist()
+    row_nos: list[int] = table.column("_row").to_pylist()
+    keys: list[str | None] = table.column("_key").to_pylist()
+    desired = [_arrow_values(refs[n] if n in refs else table.column(n), k)
+               for n, k in zip(names, kinds, strict=True)]
     existing = target.fetch_existing(entity, exts) if exts else {}
 
-    actions: list[str] = []
-    changed_fields: list[list[str]] = []
-    before_images: list[str | None] = []
-    to_write: list[dict[str, Any]] = []
-    names = list(entity.fields)
-    for i, ext in enumerate(exts):
-        row = {name: desired[name][i] for name in names}
-        current = existing.get(ext)
-        if current is None:
-            if entity.mode == "update":
-                quarantined.append(QuarantineRecord(
-                    int(frame.at[i, "_row"]), frame.at[i, "_key"], "load", "not_in_target",
-                    [{"field": entity.external_id_column, "code": "not_in_target",
-                      "detail": "mode is `update` and the target has no row with this external id"}]))
-                actions.append("")
-                changed_fields.append([])
-                before_images.append(None)
+    # One action per row: "" (quarantined: not in the target in `update` mode), created, updated, unchanged.
+    currents = [existing.get(ext) for ext in exts] if existing else [None] * len(exts)
+    new_action = "" if entity.mode == "update" else "created"
+    actions = [new_action if current is None else "unchanged" for current in currents]
+    changed_fields: list[list[str] | None] = [None if current is None else [] for current in currents]
+    before_images: list[str | None] = [None] * len(exts)
+    if existing and entity.mode != "insert":
+        present = [i for i, current in enumerate(currents) if current is not None]
+        differs = [
+            [not same_value(column[i], currents[i].values[name], kind) for i in present]
+            for name, kind, column in zip(names, kinds, desired, strict=True)
+        ]
+        for i, flags in zip(present, zip(*differs, strict=True), strict=True):
+            if not any(flags):
                 continue
-            actions.append("created")
-            changed_fields.append(names)
-            before_images.append(None)
-            to_write.append({entity.external_id_column: ext, **row})
-            continue
-        changed = [n for n in names
-                   if canonical(row[n], entity.fields[n].type) != canonical(current.values[n], entity.fields[n].type)]
-        if not changed or entity.mode == "insert":
-            actions.append("unchanged")
-            changed_fields.append([])
-            before_images.append(None)
-            continue
-        actions.append("updated")
-        changed_fields.append(changed)
-        before_images.append(json.dumps({n: canonical(current.values[n], entity.fields[n].type) for n in changed}))
-        to_write.append({entity.external_id_column: ext, **row})
+            changed = [name for name, flag in zip(names, flags, strict=True) if flag]
+            values = currents[i].values
+            actions[i] = "updated"
+            changed_fields[i] = changed
+            before_images[i] = json.dumps({n: canonical(values[n], entity.fields[n].type) for n in changed})
+    if new_action == "":
+        for i in (i for i, action in enumerate(actions) if not action):
+            quarantined.append(QuarantineRecord(
+                row_nos[i], keys[i], "load", "not_in_target",
+                [{"field": entity.external_id_column, "code": "not_in_target",
+                  "detail": "mode is `update` and the target has no row with this external id"}]))
 
     failed: dict[str, str] = {}
-    if to_write and not ctx.dry_run:
+    writing = [i for i, action in enumerate(actions) if action in ("created", "updated")]
+    if writing and not ctx.dry_run:
+        columns = [entity.external_id_column, *names]
+        if len(writing) == len(exts):
+            to_write = [dict(zip(columns, row, strict=True)) for row in zip(exts, *desired, strict=True)]
+        else:
+            to_write = [dict(zip(columns, (exts[i], *(column[i] for column in desired)), strict=True))
+                        for i in writing]
         for failure in target.write(entity, to_write):
             failed[failure.external_id] = failure.detail
-    created = [ext for ext, action in zip(exts, actions, strict=True) if action == "created" and ext not in failed]
+    created = [ext for ext, action in zip(exts, actions, strict=True)
+               if action == "created" and ext not in failed]
     if entity.target_key_column == entity.external_id_column:
-        new_keys = {ext: ext for ext in created}
+        new_keys = None  # a created row's target key is its external id
     elif ctx.dry_run or not created:
         new_keys = {}
     else:
         new_keys = target.target_keys(entity, created)
 
-    ledger: list[tuple[Any, ...]] = []
-    for i, ext in enumerate(exts):
-        action = actions[i]
-        if not action:
-            continue
-        row_no, key = int(frame.at[i, "_row"]), frame.at[i, "_key"]
-        if ext in failed:
-            quarantined.append(QuarantineRecord(row_no, key, "load", "target_rejected",
-                                                [{"field": "", "code": "target_rejected", "detail": failed[ext]}]))
-            continue
-        target_key = new_keys.get(ext) if action == "created" else existing[ext].target_key
-        ledger.append((row_no, key, ext, target_key, action, changed_fields[i], before_images[i]))
+    ledger_rows = [i for i, action in enumerate(actions) if action]
+    if failed:
+        for i in ledger_rows:
+            if exts[i] in failed:
+                quarantined.append(QuarantineRecord(
+                    row_nos[i], keys[i], "load", "target_rejected",
+                    [{"field": "", "code": "target_rejected", "detail": failed[exts[i]]}]))
+        ledger_rows = [i for i in ledger_rows if exts[i] not in failed]
+    if len(ledger_rows) != len(exts):
+        pick = [row_nos, keys, exts, actions, changed_fields, before_images, currents]
+        row_nos, keys, exts, actions, changed_fields, before_images, currents = (
+            [column[i] for i in ledger_rows] for column in pick)
+    target_keys = [
+        (ext if new_keys is None else new_keys.get(ext)) if action == "created" else current.target_key
+        for ext, action, current in zip(exts, actions, currents, strict=True)
+    ]
 
     ctx.staging.con.begin()
-    ctx.staging.add_ledger(entity, ledger)
+    ctx.staging.add_ledger_columns(entity, row_nos, keys, exts, target_keys, actions, changed_fields,
+                                   before_images, names)
     ctx.staging.add_quarantine(entity, quarantined)
     ctx.staging.con.commit()
     counts = {"created": actions.count("created"), "updated": actions.count("updated"),
               "unchanged": actions.count("unchanged"), "quarantined": len(quarantined)}
-    counts["created"] -= sum(1 for ext in failed if existing.get(ext) is None)
-    counts["updated"] -= sum(1 for ext in failed if existing.get(ext) is not None)
     ctx.audit.append("batch_loaded" if not ctx.dry_run else "batch_planned", entity=entity.name,
                      first_seq=first_seq, last_seq=last_seq, fields=names, **counts)
     ctx.progress.advance(entity.name, "load", last_seq - first_seq + 1)

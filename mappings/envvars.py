@@ -1,4 +1,11 @@
-"""`${ENV_VAR}` interpolation. Interpolated values are remembered as secrets so they can be redacted."""
+"""`${ENV_VAR}` interpolation. Interpolated values are remembered as secrets so they can be redacted.
+
+Rules (the mapping reference documents them for users):
+- `${NAME}` is replaced by the variable's value; an unset variable is an error naming it.
+- `${NAME:-default}` uses `default` when the variable is unset or empty (as in a POSIX shell).
+- Only string values are interpolated, and the result stays a string; keys are never interpolated.
+- Every value taken from the environment is a secret: it is redacted from messages meant for people.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 _PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 REDACTED = "***"
@@ -31,16 +39,22 @@ def interpolate(value: Any, env: Mapping[str, str], secrets: set[str]) -> Any:
 def _interpolate_string(text: str, env: Mapping[str, str], secrets: set[str]) -> str:
     def replace(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
-        if name in env:
-            found = env[name]
-            if found:
-                secrets.add(found)
+        found = env.get(name)
+        if found:
+            secrets.add(found)
             return found
-        if default is not None:
+        if default is not None:  # `:-` falls back when the variable is unset or empty
             return default
+        if found is not None:
+            return found  # set, but empty
         raise MissingVariable(name)
 
     return _PATTERN.sub(replace, text)
+
+
+def missing_variables(text: str, env: Mapping[str, str]) -> list[str]:
+    """Variables in `text` that interpolation cannot resolve: unset, and without a `:-default`."""
+    return [m.group(1) for m in _PATTERN.finditer(text) if m.group(1) not in env and m.group(2) is None]
 
 
 def variables_in(value: Any) -> list[str]:
@@ -55,10 +69,17 @@ def variables_in(value: Any) -> list[str]:
 
 
 class Redactor:
-    """Replaces known secret values (and URL passwords) in text meant for people."""
+    """Replaces known secret values (and URL passwords) in text meant for people.
+
+    A secret is also found in its URL-encoded forms (a password with `@` or `/` is written `%40`/`%2F`
+    inside a URL). Values shorter than 3 characters are not treated as secrets: replacing them would
+    garble every message without protecting anything.
+    """
 
     def __init__(self, secrets: set[str] | None = None):
-        self._secrets = sorted((s for s in (secrets or set()) if len(s) >= 3), key=len, reverse=True)
+        forms = {form for secret in (secrets or set()) if len(secret) >= 3
+                 for form in (secret, quote(secret, safe=""), quote_plus(secret))}
+        self._secrets = sorted(forms, key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
         for secret in self._secrets:
@@ -66,11 +87,16 @@ class Redactor:
         return redact_url_password(text)
 
 
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*):(?P<pw>[^@\s]+)@")
+# user:password@ in a URL. The password runs to the last `@` before whitespace or a quote, so a raw `@`
+# inside it (which should have been written %40) is still hidden in full.
+_URL_PASSWORD = re.compile(
+    r"(?P<user>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s'\"`]*):(?P<pw>[^\s'\"`]*)@(?=[^@\s'\"`]*(?:[\s'\"`]|$))"
+)
 
 
 def redact_url_password(text: str) -> str:
-    return _URL_PASSWORD.sub(lambda m: f"{m.group('scheme')}:{REDACTED}@", text)
+    """`postgresql://app:s3cret@db/crm` -> `postgresql://app:***@db/crm`; other text is left alone."""
+    return _URL_PASSWORD.sub(lambda m: f"{m.group('user')}:{REDACTED}@", text)
 
 
 def environment() -> dict[str, str]:

@@ -1,8 +1,10 @@
 """Cleansing transforms: vectorised functions over a pandas Series, registered by name.
 
 Each transform takes the column and its argument (None when the step is a bare name) and returns a new
-column. Plug-ins register more through the `crmbridge.transforms` entry point group; names are looked up
-in the registry, never evaluated.
+column; missing values stay missing. Plug-ins register more through the `crmbridge.transforms` entry
+point group (an entry point that loads a `Transform`); names are looked up in the registry, never
+evaluated. A transform that takes an argument may check it when the mapping is loaded
+(`validate_argument`), so a bad argument is reported with its position instead of failing a run.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ TransformFn = Callable[[pd.Series, Any], pd.Series]
 
 @dataclass(frozen=True)
 class Transform:
+    """A named cleansing step: `fn(column, argument)`, plus what the mapping reference says about it."""
+
     name: str
     fn: TransformFn
     takes_argument: bool
@@ -45,6 +49,7 @@ def transform(
 
 
 def registry() -> dict[str, Transform]:
+    """Every transform by name: the built-ins and those of installed plug-ins."""
     _load_plugins()
     return _REGISTRY
 
@@ -98,7 +103,7 @@ def _title(series: pd.Series, _: Any) -> pd.Series:
     return _text(series).str.title()
 
 
-@transform("nfkc", "Unicode NFKC normalisation: full-width letters and digits become half-width.")
+@transform("nfkc", "Unicode NFKC normalisation: full-width letters, digits and spaces become half-width.")
 def _nfkc(series: pd.Series, _: Any) -> pd.Series:
     return _text(series).map(lambda v: unicodedata.normalize("NFKC", v) if isinstance(v, str) else v)
 
@@ -120,10 +125,11 @@ def _null_if_empty(series: pd.Series, _: Any) -> pd.Series:
 def _needs_scalar(argument: Any) -> str | None:
     if isinstance(argument, (str, int, float, bool)):
         return None
-    return "a text, number or boolean"
+    found = "nothing" if argument is None else f"a {type(argument).__name__}"
+    return f"a text, number or boolean as its argument; found {found}"
 
 
-@transform("default", "Use the argument where the value is missing or empty.", True, _needs_scalar)
+@transform("default", "Use the argument where the value is missing or blank.", True, _needs_scalar)
 def _default(series: pd.Series, argument: Any) -> pd.Series:
     if series.dtype == object or pd.api.types.is_string_dtype(series.dtype):
         text = _text(series)
@@ -133,19 +139,38 @@ def _default(series: pd.Series, argument: Any) -> pd.Series:
 
 
 def _needs_replace(argument: Any) -> str | None:
-    if not isinstance(argument, dict) or set(argument) != {"pattern", "with"}:
-        return "an object with `pattern` (a regular expression) and `with` (the replacement)"
+    wanted = "an object with `pattern` (a regular expression) and `with` (the replacement text)"
+    if not isinstance(argument, dict):
+        return wanted
+    if set(argument) != {"pattern", "with"}:
+        keys = ", ".join(f"`{k}`" for k in argument) or "none"
+        return f"{wanted}; found keys: {keys}"
+    pattern, replacement = argument["pattern"], argument["with"]
+    if not isinstance(pattern, str):
+        return "a text in `pattern` (a regular expression)"
+    if isinstance(replacement, bool) or not isinstance(replacement, (str, int, float)):
+        return "a text in `with` (write `with: ''` to delete the matches)"
     try:
-        re.compile(argument["pattern"])
+        compiled = re.compile(pattern)
     except re.error as error:
         return f"a valid regular expression in `pattern` ({error})"
+    try:
+        compiled.sub(str(replacement), "")  # checks group references (\1, \g<name>) in `with`
+    except (re.error, IndexError) as error:
+        return f"a valid replacement in `with` ({error})"
     return None
 
 
-@transform("replace", "Regular-expression replace: `{replace: {pattern: '-+', with: '-'}}`.", True, _needs_replace)
+@transform(
+    "replace",
+    "Replace every match of a regular expression; `with` may use groups (`\\1`).",
+    True,
+    _needs_replace,
+)
 def _replace(series: pd.Series, argument: Any) -> pd.Series:
     return _text(series).str.replace(argument["pattern"], str(argument["with"]), regex=True)
 
 
 def apply(series: pd.Series, name: str, argument: Any) -> pd.Series:
+    """Run the transform `name` over a column."""
     return registry()[name].fn(series, argument)

@@ -49,10 +49,7 @@ def _fresh_schema_url(base: str, kind: str) -> Iterator[str]:
     with admin.connect() as conn:
         conn.execute(sa.text(f"CREATE SCHEMA {name}" if kind == "postgres" else f"CREATE DATABASE {name}"))
     url = sa.engine.make_url(base)
-    if kind == "postgres":
-        url = url.update_query_dict({"options": f"-csearch_path={name}"})
-    else:
-        url = url.set(database=name)
+    url = url.update_query_dict({"options": f"-csearch_path={name}"}) if kind == "postgres" else url.set(database=name)
     try:
         yield url.render_as_string(hide_password=False)
     finally:

@@ -71,7 +71,8 @@ def test_schema_drift_fails_before_extracting(demo_project: Path) -> None:
 
 def test_retyped_column_is_schema_drift(demo_project: Path) -> None:
     _edit(demo_project / "mapping.yaml", "      company_name: string\n", "      company_name: integer\n")
-    with pytest.raises(SchemaDriftError, match=r"column `company_name` is TEXT \(string\); the mapping expects integer"):
+    expected = r"column `company_name` is TEXT \(string\); the mapping expects integer"
+    with pytest.raises(SchemaDriftError, match=expected):
         start_run(demo_project / "mapping.yaml")
 
 
@@ -79,7 +80,7 @@ def test_missing_target_column_fails_before_the_first_write(demo_project: Path) 
     target = demo_project / "data" / "target_crm.db"
     with sqlite3.connect(target) as conn:
         conn.execute("ALTER TABLE contact DROP COLUMN city")
-    with pytest.raises(TargetError, match="target table `contact` has no column.*`city`"):
+    with pytest.raises(TargetError, match=r"target table `contact` has no column.*`city`"):
         start_run(demo_project / "mapping.yaml")
     assert _count(target, "account") == 0  # accounts come first, but nothing was written
 
