@@ -11,14 +11,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
-from crmbridge.connectors.base import ColumnInfo, Connector, ExistingRow, SourceBatch, WriteFailure
-from crmbridge.mappings.envvars import redact_url_password
-from crmbridge.mappings.model import Entity
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, NoSuchTableError, SQLAlchemyError
 
+from crmbridge.connectors.base import ColumnInfo, Connector, ExistingRow, SourceBatch, WriteFailure
 from crmbridge.errors import CrmbridgeError, SourceError, TargetError
+from crmbridge.mappings.envvars import redact_url_password
+from crmbridge.mappings.model import Entity
 from crmbridge.values import column_from_values
 
 _DEFAULT_DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg",
