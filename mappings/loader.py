@@ -527,6 +527,12 @@ def _check_field(entity, fat, fname, spec, declared, ext, names, data, zone, pro
             problems.add((*fat, "ref"), f"entity `{ref}` loads into target "
                          f"`{data['entities'][names[ref]]['target']}`, this one into `{entity['target']}`; "
                          "expected a reference within one target")
+        else:
+            parent = data["entities"][names[ref]]
+            parent_ext = parent.get("external_id", "external_id")
+            if parent.get("target_key", parent_ext) == parent_ext and kind not in ("string", None):
+                problems.add((*fat, "type"), f"entity `{ref}` is referenced by its external id (text); expected "
+                             f"`type: string` here, or a `target_key` on `{ref}` such as an integer `id`")
         if column is None:
             problems.add(fat, "a `ref` field needs `from`: the source column holding the parent's key")
     for j, step in enumerate(spec.get("transform", [])):

@@ -1041,3 +1041,25 @@ def test_many_problems_are_reported_at_once(tmp_path: Path) -> None:
     assert all(
         re.search(r"mapping\.yaml:\d+:\d+ at entities\[\d\]", line) for line in message.splitlines()[1:]
     )
+
+
+def test_ref_to_a_parent_keyed_by_its_external_id_must_be_text(tmp_path: Path) -> None:
+    child = """
+        name: contacts
+        source: legacy
+        table: contacts
+        key: id
+        target: crm
+        target_table: contact
+        fields:
+          account:
+            from: cust_id
+            ref: accounts
+            type: integer
+    """
+    text = mapping(ACCOUNTS, child)
+    problem = at(fail(tmp_path, text), "entities[1].fields.account.type")
+    assert "referenced by its external id" in problem.message and "target_key" in problem.message
+    # With an integer target key on the parent, an integer reference is right.
+    parent = ACCOUNTS.replace("    target_table: account\n", "    target_table: account\n    target_key: id\n")
+    assert ok(tmp_path, mapping(parent, child)).entity("contacts").fields["account"].type == "integer"
