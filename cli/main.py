@@ -214,7 +214,11 @@ def quarantine(
     project: ProjectOpt = Path("."),
     state_dir: StateOpt = None,
 ) -> None:
-    """Export a run's quarantined rows as CSV: row, source key, stage, reason codes. Never values."""
+    """Export a run's quarantined rows as CSV: row, source key, stage, reason codes. Never values.
+
+    A source key is masked like the field that carries it; when the run's mapping can no longer be
+    read, every key is masked."""
+    from crmbridge.masking import key_mask, mask_value
     from crmbridge.staging import Staging
 
     try:
@@ -226,6 +230,12 @@ def quarantine(
         frame = staging.quarantine_frame(entity)
     finally:
         staging.close()
+    try:
+        policies = {e.name: key_mask(e) for e in load_mapping(item.manifest().mapping_path).entities}
+    except CrmbridgeError:
+        policies = {}
+    frame["source_key"] = [mask_value(k, policies.get(e, "full")) for e, k in zip(frame.entity, frame.source_key,
+                                                                                   strict=True)]
     frame["problems"] = frame["problems"].map(
         lambda text: "; ".join(f"{p['field']}: {p['code']} ({p['detail']})" for p in json.loads(text)))
     if output:

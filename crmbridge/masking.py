@@ -21,3 +21,10 @@ def mask_value(value: Any, policy: str) -> str:
         local, at, domain = text.partition("@")
         return f"{local[:1]}{HIDDEN}@{domain}" if at else HIDDEN
     return HIDDEN
+
+
+def key_mask(entity) -> str:
+    """The mask for an entity's source key: the strictest mask of a field that reads a key column."""
+    order = ["none", "last4", "email", "full"]
+    policies = [f.mask for f in entity.fields.values() if f.source_column in entity.key]
+    return max(policies, key=order.index, default="none")

@@ -111,3 +111,23 @@ def test_run_runs_report_and_quarantine_export(demo_project: Path) -> None:
 
     missing = runner.invoke(app, ["report", "nope", "--project", str(demo_project)])
     assert missing.exit_code == 1 and "no run `nope`" in missing.output
+
+
+def test_quarantine_export_masks_keys_like_their_fields(tmp_path: Path) -> None:
+    project = tmp_path / "p"
+    assert invoke("init", str(project)).exit_code == 0
+    mapping = project / "mapping.yaml"
+    # Key the customers by e-mail: the exported key must then be masked like the e-mail field.
+    text = mapping.read_text().replace("key: customer_no", "key: email")
+    mapping.write_text(text)
+    (project / "data" / "customers.csv").write_text(
+        "customer_no,name,email,phone,since\n1,,ada@example.com,555,2001-01-01\n")
+    assert invoke("run", str(mapping)).exit_code == 0
+    run_id = next((project / ".crmbridge" / "runs").iterdir()).name
+    exported = invoke("quarantine", run_id, "--project", str(project))
+    assert "ada@example.com" not in exported.stdout
+    assert "a•••@example.com" in exported.stdout
+    # Without a readable mapping every key is fully masked.
+    mapping.unlink()
+    exported = invoke("quarantine", run_id, "--project", str(project))
+    assert "example.com" not in exported.stdout and "•••" in exported.stdout
