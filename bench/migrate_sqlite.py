@@ -1,16 +1,23 @@
-"""Benchmark: the crmbridge flow against a plain pandas copy and a plain sqlite3 copy, SQLite to SQLite.
+"""Benchmark: the crmbridge flow against plain copies, SQLite to SQLite, in one run.
 
-    python bench/migrate_sqlite.py                      # 200,000 and 1,000,000 rows
-    python bench/migrate_sqlite.py --rows 500000 --also 0
+    python bench/migrate_sqlite.py                 # 200,000 and 1,000,000 rows
+    python bench/migrate_sqlite.py --rows 500000 --also 0 --rerun
 
-For every row count it generates a SQLite source of customer-like rows (with messy whitespace and case),
-then measures, each in a fresh subprocess of its own (so peak memory is per measurement):
+For every row count it generates a SQLite source of customer-like rows (messy whitespace and case), then
+runs each measurement in a fresh subprocess of its own, so every peak-memory figure belongs to one
+measurement:
 
-  flow         `crmbridge.flows.migrate.start_run` end to end: extract, cleanse, validate, stage, load
-               (upsert), ledger and reconciliation, into a table the mapping creates
-  pandas       `pandas.read_sql(..., chunksize=batch)` + `DataFrame.to_sql(...)`: the plain copy
-  executemany  `sqlite3` `fetchmany` + `executemany` in one transaction: the upper baseline for writing
-               SQLite from Python
+  flow            `crmbridge.flows.migrate.start_run` end to end: extract, cleanse, validate, stage, load
+                  (upsert on the external id), ledger and reconciliation, into a table the mapping creates
+  flow-rerun      (with --rerun) the same mapping again over the loaded target: every row is compared
+                  with the target and reported unchanged
+  pandas          `pandas.read_sql(..., chunksize=batch)` + `DataFrame.to_sql(...)` through SQLAlchemy
+                  engines: the plain copy the flow is compared with
+  pandas-sqlite3  the same with plain `sqlite3` connections (pandas' SQLite-only fallback), for reference
+  executemany     `sqlite3` `fetchmany` + `executemany` in one transaction: the upper baseline for writing
+                  SQLite from Python
+  upsert          `sqlite3` `executemany` of an upsert into a table keyed like the flow's target (a text
+                  primary key), one commit per batch: what the flow's write step alone costs at best
 
 Only rates and ratios are printed, never asserted: they depend on the machine. See bench/README.md.
 """
@@ -22,6 +29,7 @@ import time
 _PROCESS_START = time.perf_counter()  # before the heavy imports, so a child can report its import time
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
@@ -35,9 +43,9 @@ from datetime import date, timedelta  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 SEED = 20261123
-BATCH_SIZE = 50_000
+BATCH_SIZE = 50_000  # the mapping default
 RESULT_MARK = "BENCH-RESULT "
-MODES = ("flow", "pandas", "executemany")
+MODES = ("flow", "flow-rerun", "pandas", "pandas-sqlite3", "executemany", "upsert")
 COLUMNS = ("id", "name", "email", "phone", "city", "balance", "signup_date")
 
 MAPPING = """\
@@ -153,23 +161,27 @@ def generate_source(path: Path, rows: int) -> None:
     temporary.replace(path)
 
 
+_TARGETS = ("target_flow.db", "target_pandas.db", "target_pandas_sqlite3.db", "target_executemany.db",
+            "target_upsert.db")
+
+
 def prepare(workdir: Path, rows: int, batch_size: int) -> Path:
-    """The directory for one row count: source (kept between runs), mapping; targets and state removed."""
+    """The directory for one row count: source (kept between runs) and mapping; old targets removed."""
     where = workdir / f"rows-{rows}"
     where.mkdir(parents=True, exist_ok=True)
     source = where / "source.db"
     if not source.exists():
         began = time.perf_counter()
         generate_source(source, rows)
-        print(f"  generated {rows:,} source rows in {time.perf_counter() - began:.1f} s ({source})", flush=True)
+        print(f"  generated {rows:,} source rows in {time.perf_counter() - began:.1f} s", flush=True)
     (where / "mapping.yaml").write_text(MAPPING.format(batch_size=batch_size), encoding="utf-8")
-    for name in ("target_flow.db", "target_pandas.db", "target_executemany.db"):
+    for name in _TARGETS:
         (where / name).unlink(missing_ok=True)
     shutil.rmtree(where / "state", ignore_errors=True)
     return where
 
 
-# --- the measurements (each runs in its own child process) ----------------------------------------------
+# --- the measurements (each runs in a child process of its own) -----------------------------------------
 
 
 def _count(path: Path, table: str) -> int:
@@ -177,12 +189,17 @@ def _count(path: Path, table: str) -> int:
         return db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
 
+def _query() -> str:
+    return f"SELECT {', '.join(COLUMNS)} FROM customers ORDER BY id"
+
+
 class _Clock:
     """A progress reporter for the flow that notes when rows start and stop moving."""
 
     def __init__(self) -> None:
         self.first_read: float | None = None  # the first entity starts extracting
-        self.last_loaded: float | None = None  # the last load batch is written
+        self.first_loaded: float | None = None  # the first load batch is in the target
+        self.last_loaded: float | None = None  # the last load batch is in the target
 
     def stage(self, entity: str, stage: str, total: int | None = None) -> None:
         if stage == "extract" and self.first_read is None:
@@ -191,16 +208,21 @@ class _Clock:
     def advance(self, entity: str, stage: str, rows: int) -> None:
         if stage == "load":
             self.last_loaded = time.perf_counter()
+            self.first_loaded = self.first_loaded or self.last_loaded
 
     def done(self, entity: str, stage: str) -> None:
-        if stage == "load":
-            self.last_loaded = time.perf_counter()
+        pass
 
 
-def measure_flow(where: Path, rows: int, batch_size: int, rerun: bool) -> dict:
+def _buckets(result: dict) -> dict[str, int]:
+    entity = result["entities"][0]
+    return {k: entity[k] for k in ("source", "created", "updated", "unchanged", "quarantined")}
+
+
+def measure_flow(where: Path) -> dict:
     from crmbridge.flows.prefect_env import configure_prefect
 
-    prefect_mode = configure_prefect()
+    prefect_mode = configure_prefect()  # as the CLI does: a running `crmbridge server` is used if there is one
     from crmbridge.flows import migrate
 
     imported = time.perf_counter()
@@ -208,55 +230,66 @@ def measure_flow(where: Path, rows: int, batch_size: int, rerun: bool) -> dict:
     migrate.progress_reporter = clock
     _, result = migrate.start_run(where / "mapping.yaml")
     finished = time.perf_counter()
-    entity = result["entities"][0]
     out = {
         "import_s": imported - _PROCESS_START, "startup_s": clock.first_read - imported,
+        "first_loaded_s": clock.first_loaded - imported,
         "steady_s": clock.last_loaded - clock.first_read, "finish_s": finished - clock.last_loaded,
-        "copied": _count(where / "target_flow.db", "customer"), "prefect": prefect_mode,
-        "buckets": {k: entity[k] for k in ("source", "created", "updated", "unchanged", "quarantined")},
+        "total_s": finished - _PROCESS_START, "copied": _count(where / "target_flow.db", "customer"),
+        "prefect": prefect_mode, "buckets": _buckets(result),
     }
-    out["total_s"] = finished - _PROCESS_START
-    if rerun:
-        clock = _Clock()
-        migrate.progress_reporter = clock
-        began = time.perf_counter()
-        _, result = migrate.start_run(where / "mapping.yaml")
-        entity = result["entities"][0]
-        out["rerun"] = {"total_s": time.perf_counter() - began, "steady_s": clock.last_loaded - clock.first_read,
-                        "buckets": {k: entity[k] for k in ("source", "created", "updated", "unchanged",
-                                                             "quarantined")}}
     return out
 
 
-def measure_pandas(where: Path, rows: int, batch_size: int) -> dict:
+def measure_pandas(where: Path, batch_size: int, driver: str) -> dict:
     import pandas as pd
 
     imported = time.perf_counter()
-    target_path = where / "target_pandas.db"
-    # sqlite3 connections on both sides: pandas' fastest path for SQLite (no SQLAlchemy layer).
-    source, target = sqlite3.connect(where / "source.db"), sqlite3.connect(target_path)
-    query = f"SELECT {', '.join(COLUMNS)} FROM customers ORDER BY id"
-    for chunk in pd.read_sql(query, source, chunksize=batch_size):
-        chunk.to_sql("customer", target, if_exists="append", index=False)
-    target.commit()
-    source.close()
-    target.close()
+    target_path = where / ("target_pandas.db" if driver == "sqlalchemy" else "target_pandas_sqlite3.db")
+    if driver == "sqlalchemy":
+        # SQLAlchemy engines, as pandas reads and writes every database (and as the flow connects);
+        # `to_sql` commits each chunk, as the flow commits each batch.
+        import sqlalchemy as sa
+
+        source = sa.create_engine(f"sqlite:///{where / 'source.db'}")
+        target = sa.create_engine(f"sqlite:///{target_path}")
+        for chunk in pd.read_sql(sa.text(_query()), source, chunksize=batch_size):
+            chunk.to_sql("customer", target, if_exists="append", index=False)
+        source.dispose()
+        target.dispose()
+    else:  # plain sqlite3 connections: pandas' SQLite-only fallback, without SQLAlchemy
+        read, write = sqlite3.connect(where / "source.db"), sqlite3.connect(target_path)
+        for chunk in pd.read_sql(_query(), read, chunksize=batch_size):
+            chunk.to_sql("customer", write, if_exists="append", index=False)
+        write.commit()
+        read.close()
+        write.close()
     finished = time.perf_counter()
     return {"import_s": imported - _PROCESS_START, "steady_s": finished - imported,
             "total_s": finished - _PROCESS_START, "copied": _count(target_path, "customer")}
 
 
-def measure_executemany(where: Path, rows: int, batch_size: int) -> dict:
+def measure_executemany(where: Path, batch_size: int, upsert: bool) -> dict:
     imported = time.perf_counter()
-    target_path = where / "target_executemany.db"
+    target_path = where / ("target_upsert.db" if upsert else "target_executemany.db")
     source, target = sqlite3.connect(where / "source.db"), sqlite3.connect(target_path)
-    target.execute("CREATE TABLE customer (id INTEGER PRIMARY KEY, name TEXT, email TEXT, phone TEXT, city TEXT, "
-                   "balance NUMERIC(12, 2), signup_date DATE)")
-    cursor = source.execute(f"SELECT {', '.join(COLUMNS)} FROM customers ORDER BY id")
+    key = "external_id VARCHAR(64) PRIMARY KEY" if upsert else "id INTEGER PRIMARY KEY"
+    target.execute(f"CREATE TABLE customer ({key}, name TEXT, email TEXT, phone TEXT, city TEXT, "
+                   "balance NUMERIC(30, 8), signup_date DATE)")
+    cursor = source.execute(_query())
     insert = f"INSERT INTO customer VALUES ({', '.join('?' for _ in COLUMNS)})"
-    target.execute("BEGIN")
+    if upsert:  # the statement shape the flow sends, keyed by a well-spread text id
+        insert += " ON CONFLICT (external_id) DO UPDATE SET " + ", ".join(
+            f"{c} = excluded.{c}" for c in COLUMNS[1:])
+        # the flow's SQLite target connection uses the same 64 MiB page cache
+        target.execute("PRAGMA cache_size = -65536")
+    else:
+        target.execute("BEGIN")
     while batch := cursor.fetchmany(batch_size):
+        if upsert:
+            batch = [(hashlib.md5(str(row[0]).encode()).hexdigest(), *row[1:]) for row in batch]
         target.executemany(insert, batch)
+        if upsert:
+            target.commit()
     target.commit()
     source.close()
     target.close()
@@ -265,14 +298,15 @@ def measure_executemany(where: Path, rows: int, batch_size: int) -> dict:
             "total_s": finished - _PROCESS_START, "copied": _count(target_path, "customer")}
 
 
-def child(mode: str, where: Path, rows: int, batch_size: int, rerun: bool) -> None:
-    if mode == "flow":
-        result = measure_flow(where, rows, batch_size, rerun)
-    elif mode == "pandas":
-        result = measure_pandas(where, rows, batch_size)
+def child(mode: str, where: Path, batch_size: int) -> None:
+    if mode in ("flow", "flow-rerun"):  # a rerun finds the target the `flow` measurement loaded
+        result = measure_flow(where)
+    elif mode in ("pandas", "pandas-sqlite3"):
+        result = measure_pandas(where, batch_size, "sqlalchemy" if mode == "pandas" else "sqlite3")
     else:
-        result = measure_executemany(where, rows, batch_size)
-    # Linux reports ru_maxrss in KiB: this process's own peak, not any helper process it started.
+        result = measure_executemany(where, batch_size, upsert=mode == "upsert")
+    # Linux reports ru_maxrss in KiB: this process's own peak, not that of any process it started (such as
+    # a temporary Prefect server).
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(RESULT_MARK + json.dumps(result), flush=True)
 
@@ -280,9 +314,9 @@ def child(mode: str, where: Path, rows: int, batch_size: int, rerun: bool) -> No
 # --- the parent: run the children, print the report ------------------------------------------------------
 
 
-def run_child(mode: str, where: Path, rows: int, batch_size: int, rerun: bool, env: dict) -> dict:
+def run_child(mode: str, where: Path, rows: int, batch_size: int, env: dict) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--where", str(where),
-               "--rows", str(rows), "--batch-size", str(batch_size)] + (["--rerun"] if rerun else [])
+               "--batch-size", str(batch_size)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if done.returncode != 0 or not lines:
@@ -294,76 +328,114 @@ def run_child(mode: str, where: Path, rows: int, batch_size: int, rerun: bool, e
     return result
 
 
-def report(rows: int, results: dict[str, dict]) -> None:
-    flow, pandas, many = results["flow"], results["pandas"], results["executemany"]
+_LABELS = {
+    "pandas": "pandas read_sql + to_sql",
+    "pandas-sqlite3": "  same, sqlite3 connections",
+    "executemany": "sqlite3 executemany (upper)",
+    "upsert": "sqlite3 keyed upsert only",
+}
 
-    def rate(seconds: float) -> float:
-        return rows / seconds
+
+def report(rows: int, results: dict[str, dict]) -> None:
+    def rate(seconds: float) -> str:
+        return f"{rows / seconds:>12,.0f}"
+
+    def line(label: str, seconds: float, peak: float | None = None) -> None:
+        memory = f"{peak:>9.0f} MiB" if peak is not None else ""
+        print(f"  {label:<32}{rate(seconds)}{seconds:>10.2f}{memory}")
 
     print(f"\n== {rows:,} rows ==")
-    print(f"  {'':<22}{'rows/s':>12}{'seconds':>10}{'peak RSS':>12}")
-    print(f"  {'flow (steady state)':<22}{rate(flow['steady_s']):>12,.0f}{flow['steady_s']:>10.2f}"
-          f"{flow['peak_rss_mib']:>9.0f} MiB")
-    print(f"  {'flow (end to end)':<22}{rate(flow['total_s']):>12,.0f}{flow['total_s']:>10.2f}")
-    print(f"  {'pandas (copy)':<22}{rate(pandas['steady_s']):>12,.0f}{pandas['steady_s']:>10.2f}"
-          f"{pandas['peak_rss_mib']:>9.0f} MiB")
-    print(f"  {'pandas (with import)':<22}{rate(pandas['total_s']):>12,.0f}{pandas['total_s']:>10.2f}")
-    print(f"  {'executemany (copy)':<22}{rate(many['steady_s']):>12,.0f}{many['steady_s']:>10.2f}"
-          f"{many['peak_rss_mib']:>9.0f} MiB")
-    print(f"  flow start-up: {flow['import_s']:.2f} s importing + {flow['startup_s']:.2f} s until the first "
-          f"batch is read ({flow['prefect']}); {flow['finish_s']:.2f} s after the last batch is loaded")
-    print(f"  flow / pandas, excluding start-up: {rate(flow['steady_s']) / rate(pandas['steady_s']):.2f}x")
-    print(f"  flow / pandas, including start-up: {rate(flow['total_s']) / rate(pandas['total_s']):.2f}x "
-          "(both counting their imports)")
-    print(f"  flow / executemany, excluding start-up: {rate(flow['steady_s']) / rate(many['steady_s']):.2f}x")
-    buckets = ", ".join(f"{k} {v:,}" for k, v in flow["buckets"].items())
-    print(f"  flow reconciliation: {buckets}")
-    if "rerun" in flow:
-        again = flow["rerun"]
-        buckets = ", ".join(f"{k} {v:,}" for k, v in again["buckets"].items())
-        print(f"  second flow run (nothing changed): {rate(again['steady_s']):,.0f} rows/s steady, "
-              f"{again['total_s']:.2f} s end to end; {buckets}")
+    print(f"  {'':<32}{'rows/s':>12}{'seconds':>10}{'peak RSS':>13}")
+    flow = results.get("flow")
+    if flow:
+        line("flow, steady state", flow["steady_s"], flow["peak_rss_mib"])
+        line("flow, end to end", flow["total_s"])
+    for mode, label in _LABELS.items():
+        if mode in results:
+            line(label, results[mode]["steady_s"], results[mode]["peak_rss_mib"])
+    if not flow:
+        return
+    print(f"  flow start-up: {flow['import_s']:.2f} s importing, then {flow['startup_s']:.2f} s until the first "
+          f"batch is read; {flow['finish_s']:.2f} s after the last batch is loaded")
+    print(f"    (Prefect: {flow['prefect']})")
+    print(f"  first rows in the target {flow['first_loaded_s']:.2f} s after start_run was called (every row is "
+          "staged before any is loaded)")
+    if "pandas" in results:
+        pandas = results["pandas"]
+        print(f"  flow / pandas, excluding start-up: {pandas['steady_s'] / flow['steady_s']:.2f}x "
+              "(first batch read to last batch loaded, against the copy loop)")
+        print(f"  flow / pandas, including start-up: {pandas['total_s'] / flow['total_s']:.2f}x "
+              "(process start to finish, imports included on both sides)")
+    if "upsert" in results:
+        print(f"  the keyed upsert alone takes {results['upsert']['steady_s'] / flow['steady_s']:.0%} of the "
+              "flow's steady-state time")
+    print(f"  flow reconciliation: {', '.join(f'{k} {v:,}' for k, v in flow['buckets'].items())}")
+    if "flow-rerun" in results:
+        again = results["flow-rerun"]
+        print(f"  second run of the same mapping: {rate(again['steady_s']).strip()} rows/s steady, "
+              f"{rate(again['total_s']).strip()} rows/s end to end, peak RSS {again['peak_rss_mib']:.0f} MiB; "
+              f"{', '.join(f'{k} {v:,}' for k, v in again['buckets'].items())}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows to copy (default 1,000,000)")
     parser.add_argument("--also", type=int, default=200_000,
-                        help="a second, smaller row count, to show memory does not grow with rows (0: none)")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="rows per batch (all three copies)")
+                        help="a second row count, to compare peak memory (default 200,000; 0: none)")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="rows per batch, for every copy")
     parser.add_argument("--only", choices=MODES, action="append", help="run only these measurements")
-    parser.add_argument("--rerun", action="store_true", help="run the flow a second time (all rows unchanged)")
-    parser.add_argument("--workdir", type=Path, help="keep sources here (default: a temporary directory)")
+    parser.add_argument("--rerun", action="store_true",
+                        help="also run the flow a second time over its own target (every row unchanged)")
+    parser.add_argument("--persistent-server", action="store_true",
+                        help="start a persistent local Prefect server first (`crmbridge server start`), as a "
+                             "team running many migrations would, instead of a temporary one per run")
+    parser.add_argument("--workdir", type=Path, help="keep the generated sources here (default: a temporary "
+                                                     "directory, removed at the end)")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--where", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
-        child(args.child, args.where, args.rows, args.batch_size, args.rerun)
+        child(args.child, args.where, args.batch_size)
         return
 
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="crmbridge-bench-"))
-    env = {**os.environ}
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="crmbridge-bench-"))).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "CRMBRIDGE_HOME": str(workdir / "crmbridge-home")}  # never the user's server
     env.setdefault("PREFECT_HOME", str(workdir / "prefect-home"))
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     sizes = sorted({args.rows, *([args.also] if args.also else [])})
-    modes = args.only or list(MODES)
+    modes = [m for m in (args.only or MODES) if m != "flow-rerun" or args.rerun]
+    if "flow-rerun" in modes and "flow" not in modes:
+        parser.error("`flow-rerun` needs the `flow` measurement before it")
     print(f"crmbridge SQLite -> SQLite benchmark: {', '.join(f'{n:,}' for n in sizes)} rows, batch size "
-          f"{args.batch_size:,}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, work dir {workdir}")
-    all_results = {}
-    for rows in sizes:
-        where = prepare(workdir, rows, args.batch_size)
-        results = {}
-        for mode in modes:
-            results[mode] = run_child(mode, where, rows, args.batch_size, args.rerun, env)
-            print(f"  {rows:,} rows, {mode}: {rows / results[mode]['steady_s']:,.0f} rows/s", flush=True)
-        all_results[rows] = results
-        if set(modes) == set(MODES):
+          f"{args.batch_size:,}; Python {sys.version.split()[0]}, {os.cpu_count()} CPUs; work dir {workdir}")
+    server = None
+    if args.persistent_server and "flow" in modes:
+        os.environ["CRMBRIDGE_HOME"] = env["CRMBRIDGE_HOME"]
+        from crmbridge.flows.prefect_env import start_server
+
+        server = start_server()
+    all_results: dict[int, dict[str, dict]] = {}
+    try:
+        for rows in sizes:
+            where = prepare(workdir, rows, args.batch_size)
+            results = {}
+            for mode in modes:
+                results[mode] = run_child(mode, where, rows, args.batch_size, env)
+                print(f"  {rows:,} rows, {mode}: {rows / results[mode]['steady_s']:,.0f} rows/s", flush=True)
+            all_results[rows] = results
             report(rows, results)
-    if len(sizes) > 1 and "flow" in modes:
-        peaks = ", ".join(f"{n:,} rows {all_results[n]['flow']['peak_rss_mib']:.0f} MiB" for n in sizes)
-        print(f"\nflow peak RSS by row count: {peaks}")
+    finally:
+        if server is not None:
+            from crmbridge.flows.prefect_env import stop_server
+
+            stop_server()
+    if len(sizes) > 1:
+        for mode in modes:
+            peaks = ", ".join(f"{n:,} rows {all_results[n][mode]['peak_rss_mib']:.0f} MiB" for n in sizes)
+            print(f"peak RSS of `{mode}` by row count: {peaks}")
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -19,7 +19,7 @@ from crmbridge.connectors.base import ColumnInfo, Connector, ExistingRow, Source
 from crmbridge.errors import CrmbridgeError, SourceError, TargetError
 from crmbridge.mappings.envvars import redact_url_password
 from crmbridge.mappings.model import Entity
-from crmbridge.values import column_from_values
+from crmbridge.values import RowBatch, bulk_work, column_from_values
 
 _DEFAULT_DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg",
                     "mysql": "mysql+pymysql", "mariadb": "mariadb+pymysql"}
@@ -212,20 +212,41 @@ class SqlSource:
         position = 0
         with self.connector.connect("source") as conn:
             statement = self._select(conn, columns)
+            # Rows come as the driver returns them; each column is then converted with the result processor
+            # SQLAlchemy would apply value by value inside every row (e.g. SQLite NUMERIC -> Decimal).
+            selected = list(statement.selected_columns)
+            typed = [c.type for c in selected]
+            statement = statement.with_only_columns(
+                *(sa.type_coerce(c, sa.types.NullType()).label(c.name) for c in selected),
+                maintain_column_froms=True)
+            # SQLite's cursor steps through the rows lazily by itself: read it directly, without the
+            # row-by-row buffering SQLAlchemy does to stream server-side cursors.
+            direct = conn.dialect.name == "sqlite"
             try:
-                result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(statement)
-                for rows in result.partitions(batch_size):
-                    values = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
-                    frame = pd.DataFrame({c: column_from_values(v, c)
-                                          for c, v in zip(columns, values, strict=True)})
+                options = {} if direct else {"stream_results": True, "yield_per": batch_size}
+                result = conn.execution_options(**options).execute(statement)
+                processors = [t._cached_result_processor(conn.dialect, d[1])
+                              for t, d in zip(typed, result.cursor.description, strict=True)]
+                batches = (iter(lambda: result.cursor.fetchmany(batch_size), []) if direct
+                           else iter(result.partitions(batch_size)))
+                while True:
+                    with bulk_work():
+                        rows = next(batches, None)
+                        if rows is None:
+                            break
+                        values = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
+                        values = [v if p is None else list(map(p, v))
+                                  for v, p in zip(values, processors, strict=True)]
+                        frame = pd.DataFrame({c: column_from_values(v, c)
+                                              for c, v in zip(columns, values, strict=True)})
                     numbers = np.arange(position + 1, position + len(rows) + 1)
                     position += len(rows)
                     yield SourceBatch(frame, numbers)
-            except DBAPIError as error:
+            except (DBAPIError, conn.dialect.loaded_dbapi.Error) as error:
                 # Only the error class: the database's message can echo values.
                 raise SourceError(f"entity `{self.entity.name}`: reading source "
                                   f"`{self.connector.connection.name}` failed after row {position} "
-                                  f"({type(error.orig).__name__})") from None
+                                  f"({type(getattr(error, 'orig', None) or error).__name__})") from None
 
     def close(self) -> None:
         pass
@@ -359,8 +380,9 @@ class SqlTarget:
         # Each IN-list size is compiled once and run on the driver; the values are converted with the bind
         # and result processors SQLAlchemy would apply, column by column rather than row by row.
         compiled: dict[int, Any] = {}
-        for start in range(0, len(external_ids), _IN_CHUNK):
-            chunk = list(external_ids[start:start + _IN_CHUNK])
+        ordered = sorted(external_ids)  # each IN list then covers one narrow stretch of the index
+        for start in range(0, len(ordered), _IN_CHUNK):
+            chunk = ordered[start:start + _IN_CHUNK]
             if len(chunk) not in compiled:
                 binds = {f"ext{i}": i for i in range(len(chunk))}
                 query = sa.select(ext, key, *fields).where(
@@ -442,10 +464,11 @@ class SqlTarget:
             compiled = None
         try:
             if compiled is None:
-                self.conn.execute(statement, rows)
+                self.conn.execute(statement, list(rows))
             else:
                 try:
-                    columns = [[row[key] for row in rows] for key in keys]
+                    held = rows.columns if isinstance(rows, RowBatch) else None  # already columns
+                    columns = [held[key] if held is not None else [row[key] for row in rows] for key in keys]
                     for i, name in enumerate(names):
                         if processors.get(name) is not None:
                             columns[i] = list(map(processors[name], columns[i]))

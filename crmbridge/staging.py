@@ -7,6 +7,7 @@ run previewable, reconcilable and resumable: dedup and load read from here, neve
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,15 @@ CREATE TABLE IF NOT EXISTS stages (
 _FEW = 64  # below this many rows, a plain executemany is cheaper than a columnar insert
 
 
+_Column = list[Any] | pa.Array | pa.ChunkedArray
+
+
+def _arrow(values: _Column, kind: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values if values.type == kind else values.cast(kind)
+    return pa.array(values, kind)
+
+
 def table_name(entity: Entity) -> str:
     return f"rows_{entity.name}"
 
@@ -57,6 +67,12 @@ class Staging:
         self.path = path
         self.con = duckdb.connect(str(path))
         self.con.execute("SET TimeZone = 'UTC'")
+        # Committed batches are durable in the write-ahead log either way; checkpointing it every 16 MiB (the
+        # default) made staging about twice as slow (bench/migrate_sqlite.py).
+        self.con.execute("SET checkpoint_threshold = '64MB'")
+        # DuckDB would cache up to 80% of RAM; staged rows are on disk, so a fixed cap keeps memory bounded
+        # whatever the row count (bigger joins, sorts and windows spill to a temporary directory).
+        self.con.execute("SET memory_limit = '64MB'")
         self.con.execute(_SCHEMA)
 
     def close(self) -> None:
@@ -148,7 +164,10 @@ class Staging:
 
     def rows_for_load_arrow(self, entity: Entity, first_seq: int, last_seq: int) -> pa.Table:
         """`rows_for_load` as an Arrow table (no pandas round trip; the load step wants Python values)."""
-        return self.con.execute(self._load_query(entity), [first_seq, last_seq]).to_arrow_table()
+        result = self.con.execute(self._load_query(entity), [first_seq, last_seq])
+        with warnings.catch_warnings():  # the copy it warns about is one batch; `con.sql` would need the
+            warnings.simplefilter("ignore", UserWarning)  # connection free of every earlier result
+            return result.to_arrow_table()
 
     def _load_query(self, entity: Entity) -> str:
         select = ["s.*"]
@@ -180,25 +199,26 @@ class Staging:
                          "action, changed::VARCHAR[], before_image::JSON FROM ledger_frame")
         self.con.unregister("ledger_frame")
 
-    def add_ledger_columns(self, entity: Entity, row_no: list[int], source_key: list[str | None],
-                           external_id: list[str], target_key: list[Any], action: list[str],
-                           changed: list[list[str] | None], before_image: list[str | None],
+    def add_ledger_columns(self, entity: Entity, row_no: _Column, source_key: _Column, external_id: _Column,
+                           target_key: _Column, action: _Column, changed: _Column, before_image: _Column,
                            all_fields: list[str]) -> None:
-        """The ledger rows of one load batch, as columns (the fast path of `add_ledger`).
+        """The ledger rows of one load batch, as columns (lists or Arrow arrays): the fast path of `add_ledger`.
 
         A `changed` entry of None stands for `all_fields` (every created row), so the common case does not
         build one list per row.
         """
-        if not row_no:
+        if not len(row_no):
             return
+        if not isinstance(target_key, (pa.Array, pa.ChunkedArray)):
+            target_key = [None if v is None else str(v) for v in target_key]
         frame = pa.table({
-            "row_no": pa.array(row_no, pa.int64()),
-            "source_key": pa.array(source_key, pa.string()),
-            "external_id": pa.array(external_id, pa.string()),
-            "target_key": pa.array([None if v is None else str(v) for v in target_key], pa.string()),
-            "action": pa.array(action, pa.string()),
-            "changed": pa.array(changed, pa.list_(pa.string())),
-            "before_image": pa.array(before_image, pa.string()),
+            "row_no": _arrow(row_no, pa.int64()),
+            "source_key": _arrow(source_key, pa.string()),
+            "external_id": _arrow(external_id, pa.string()),
+            "target_key": _arrow(target_key, pa.string()),
+            "action": _arrow(action, pa.string()),
+            "changed": _arrow(changed, pa.list_(pa.string())),
+            "before_image": _arrow(before_image, pa.string()),
         })
         self.con.register("ledger_frame", frame)
         try:

@@ -159,7 +159,11 @@ def _blank_to_missing(values: pd.Series) -> pd.Series:
         blank = blank.fill_null(False).to_numpy(zero_copy_only=False)
         if blank.any():
             values = values.astype(object).where(~blank, None)
-    elif values.dtype == object or pd.api.types.is_string_dtype(values.dtype):
+    elif values.dtype == object:
+        blank = np.array([isinstance(v, str) and not v.strip() for v in values.tolist()], dtype=bool)
+        if blank.any():
+            values = values.astype(object).where(~blank, None)
+    elif pd.api.types.is_string_dtype(values.dtype):
         blank = values.map(lambda v: isinstance(v, str) and not v.strip(), na_action="ignore")
         blank = blank.astype(object).fillna(False).astype(bool)
         if blank.any():
@@ -195,7 +199,10 @@ def cast(values: pd.Series, kind: str, timezone: str | None) -> tuple[pd.Series,
             return numbers.astype("Float64").astype("Int64"), invalid
         return numbers.astype("Float64"), invalid
     if kind == "decimal":
-        decimals = values.map(_as_decimal_text, na_action="ignore")
+        if values.dtype == object and not values.hasnans:  # e.g. a database column: skip `map`'s machinery
+            decimals = pd.Series([_as_decimal_text(v) for v in values.tolist()], index=values.index, dtype=object)
+        else:
+            decimals = values.map(_as_decimal_text, na_action="ignore")
         return decimals.astype(object), present & decimals.isna()
     if kind == "boolean":
         flags = values.map(_as_bool, na_action="ignore").astype(object)
