@@ -216,7 +216,8 @@ def cast(values: pd.Series, kind: str, timezone: str | None) -> tuple[pd.Series,
         text = parsed.dt.strftime("%Y-%m-%d").astype(object)
         return text.where(parsed.notna(), None), present & parsed.isna()
     if kind == "timestamp":
-        return _cast_timestamp(values, timezone, present)
+        stamps, invalid = _cast_timestamp(values, timezone, present)
+        return stamps, invalid & present  # a missing value (None, NaN, NaT) is never an invalid one
     raise ValueError(kind)
 
 
@@ -353,7 +354,7 @@ def _cast_timestamp_each(raw: list[Any], index: pd.Index, timezone: str | None) 
             invalid[position] = True
             continue
         if stamp is pd.NaT:
-            invalid[position] = True
+            invalid[position] = value is not pd.NaT  # NaT itself is a missing value, not a bad one
             continue
         if stamp.tzinfo is None:
             try:
@@ -361,7 +362,7 @@ def _cast_timestamp_each(raw: list[Any], index: pd.Index, timezone: str | None) 
             except Exception:  # a wall-clock time skipped or repeated by a DST change
                 invalid[position] = True
                 continue
-        parsed[position] = stamp.tz_convert("UTC")
+        parsed[position] = stamp.tz_convert("UTC").floor("us")  # targets keep microseconds at most
     return parsed, invalid
 
 
