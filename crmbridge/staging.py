@@ -153,17 +153,11 @@ class Staging:
     def max_seq(self, entity: Entity) -> int:
         return self.con.execute(f'SELECT coalesce(max(_seq), -1) FROM "{table_name(entity)}"').fetchone()[0]
 
-    def rows_for_load(self, entity: Entity, first_seq: int, last_seq: int, dry_run: bool) -> pd.DataFrame:
-        """Staged rows in a `_seq` range, each reference replaced by the parent's target key.
-
-        For every reference field `F`, adds `F__resolved` (1 when the parent was loaded, or in a dry run
-        would be). A parent row that is in the ledger but not yet in the target (dry run) resolves to NULL.
-        """
-        del dry_run
-        return self.con.execute(self._load_query(entity), [first_seq, last_seq]).df()
-
     def rows_for_load_arrow(self, entity: Entity, first_seq: int, last_seq: int) -> pa.Table:
-        """`rows_for_load` as an Arrow table (no pandas round trip; the load step wants Python values)."""
+        """Staged rows in a `_seq` range, as Arrow columns, each reference resolved through the ledger.
+
+        For every reference field `F`, adds `F__target` (the parent's target key; NULL for a parent that a
+        dry run would create) and `F__resolved` (the parent is in the ledger)."""
         result = self.con.execute(self._load_query(entity), [first_seq, last_seq])
         with warnings.catch_warnings():  # the copy it warns about is one batch; `con.sql` would need the
             warnings.simplefilter("ignore", UserWarning)  # connection free of every earlier result
@@ -181,23 +175,7 @@ class Staging:
         return (f'SELECT {", ".join(select)} FROM "{table_name(entity)}" s {" ".join(joins)} '
                 f"WHERE s._seq BETWEEN ? AND ? ORDER BY s._seq")
 
-    def preview_rows(self, entity: Entity, limit: int) -> pd.DataFrame:
-        return self.con.execute(f'SELECT * FROM "{table_name(entity)}" ORDER BY _seq LIMIT ?', [limit]).df()
-
     # --- ledger and progress ------------------------------------------------------------------------
-
-    def add_ledger(self, entity: Entity, rows: list[tuple[Any, ...]]) -> None:
-        """Rows of (row_no, source_key, external_id, target_key, action, changed, before_image_json)."""
-        if not rows:
-            return
-        frame = pd.DataFrame(rows, columns=["row_no", "source_key", "external_id", "target_key", "action",
-                                            "changed", "before_image"])
-        frame.insert(0, "entity", entity.name)
-        frame["target_key"] = frame["target_key"].map(lambda v: None if v is None else str(v))
-        self.con.register("ledger_frame", frame)
-        self.con.execute("INSERT INTO ledger SELECT entity, row_no, source_key, external_id, target_key, "
-                         "action, changed::VARCHAR[], before_image::JSON FROM ledger_frame")
-        self.con.unregister("ledger_frame")
 
     def add_ledger_columns(self, entity: Entity, row_no: _Column, source_key: _Column, external_id: _Column,
                            target_key: _Column, action: _Column, changed: _Column, before_image: _Column,

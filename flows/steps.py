@@ -161,14 +161,6 @@ def load_ranges(ctx: RunContext, entity: Entity) -> list[tuple[int, int]]:
     return [(start, min(start + size - 1, last)) for start in range(0, last + 1, size)]
 
 
-def _python_values(series: pd.Series, kind: str) -> list[Any]:
-    """Column values as the Python objects a DB-API driver expects (None for missing)."""
-    present = series.notna().tolist()
-    raw = series.astype(object).tolist()
-    convert = _CONVERTERS.get(kind, lambda v: v)
-    return [convert(v) if ok else None for v, ok in zip(raw, present, strict=True)]
-
-
 def _to_timestamp(value: Any) -> dt.datetime:
     stamp = pd.Timestamp(value)
     if stamp.tzinfo is None:
@@ -197,7 +189,7 @@ _ARROW_NATIVE = {
 
 
 def _arrow_values(column: pa.ChunkedArray, kind: str) -> list[Any]:
-    """`_python_values` for a staged Arrow column, converting in bulk where the types allow."""
+    """A staged Arrow column as the Python objects a DB-API driver expects (None for missing)."""
     # Through NumPy, Arrow dates become `datetime.date` objects some twenty times faster than `to_pylist`.
     values = (column.to_numpy(zero_copy_only=False).tolist() if pa.types.is_date32(column.type)
               else column.to_pylist())
