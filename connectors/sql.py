@@ -273,12 +273,15 @@ class SqlTarget:
         self.schema = connector.connection.options.get("schema")
         self._tables: dict[str, sa.Table] = {}
         self._naive_utc: dict[str, list[str]] = {}  # entity -> timestamp fields written as naive UTC
+        self._not_created: set[str] = set()  # entities whose table a dry run defined but did not create
         self._conn: sa.Connection | None = None
 
     @property
     def conn(self) -> sa.Connection:
         if self._conn is None:
             self._conn = self.connector.connect("target")
+            if self.dialect == "sqlite":  # a page cache (KiB) that holds a large external-id index, not 2 MiB
+                self._conn.exec_driver_sql("PRAGMA cache_size = -65536")
         return self._conn
 
     @property
@@ -308,6 +311,7 @@ class SqlTarget:
             table = self._define(entity)
             if dry_run:
                 self._register(entity, table)
+                self._not_created.add(entity.name)
                 return
             table.create(self.conn)
             self.conn.commit()
@@ -336,7 +340,10 @@ class SqlTarget:
         columns = [c for c in self._naive_utc.get(entity.name, ()) if c in rows[0]]
         if not columns:
             return rows
-        return [_with_naive_utc(row, columns) for row in rows]
+        if isinstance(rows, RowBatch):  # keep the columns: the write path reads them without building dicts
+            return RowBatch({name: [_naive_utc(v) for v in values] if name in columns else values
+                             for name, values in rows.columns.items()})
+        return [{**row, **{c: _naive_utc(row[c]) for c in columns}} for row in rows]
 
     def _define(self, entity: Entity) -> sa.Table:
         ext = entity.external_id_column
@@ -367,16 +374,14 @@ class SqlTarget:
         )
 
     def fetch_existing(self, entity: Entity, external_ids: Sequence[str]) -> dict[str, ExistingRow]:
-        table = self.table(entity)
-        if not self._exists(table):
+        if entity.name in self._not_created:
             return {}
+        table = self.table(entity)
         ext, key = table.c[entity.external_id_column], table.c[entity.target_key_column]
         fields = [table.c[f] for f in entity.fields]
         fields_names = list(entity.fields)
         found: dict[str, ExistingRow] = {}
         dialect = self.conn.dialect
-        if dialect.name == "sqlite":  # a page cache (KiB) that holds a large external-id index, not 2 MiB
-            self.conn.exec_driver_sql("PRAGMA cache_size = -65536")
         # Each IN-list size is compiled once and run on the driver; the values are converted with the bind
         # and result processors SQLAlchemy would apply, column by column rather than row by row.
         compiled: dict[int, Any] = {}
@@ -409,9 +414,6 @@ class SqlTarget:
         self.conn.rollback()  # end the read transaction; MariaDB would otherwise keep a stale snapshot
         return found
 
-    def _exists(self, table: sa.Table) -> bool:
-        return sa.inspect(self.conn).has_table(table.name, schema=self.schema)
-
     def target_keys(self, entity: Entity, external_ids: Sequence[str]) -> dict[str, Any]:
         table = self.table(entity)
         ext, key = table.c[entity.external_id_column], table.c[entity.target_key_column]
@@ -441,8 +443,6 @@ class SqlTarget:
             return []
         rows = self._bindable(entity, rows)
         statement = self._upsert(entity, list(rows[0]))
-        if self.dialect == "sqlite":  # a page cache (KiB) that holds a large external-id index, not 2 MiB
-            self.conn.exec_driver_sql("PRAGMA cache_size = -65536")
         failures: list[WriteFailure] = []
         self._write_isolating_failures(entity, statement, rows, failures)
         return failures
@@ -510,10 +510,10 @@ class SqlTarget:
         self.connector.dispose()
 
 
-def _with_naive_utc(row: dict[str, Any], columns: list[str]) -> dict[str, Any]:
-    changed = {c: row[c].astimezone(dt.UTC).replace(tzinfo=None) for c in columns
-               if isinstance(row[c], dt.datetime) and row[c].tzinfo is not None}
-    return {**row, **changed} if changed else row
+def _naive_utc(value: Any) -> Any:
+    if isinstance(value, dt.datetime) and value.tzinfo is not None:
+        return value.astimezone(dt.UTC).replace(tzinfo=None)
+    return value
 
 
 def _is_connection_error(error: DBAPIError) -> bool:
