@@ -263,6 +263,11 @@ def measure_pandas(where: Path, batch_size: int, driver: str) -> dict:
         write.commit()
         read.close()
         write.close()
+    return _plain_copy_result(imported, target_path)
+
+
+def _plain_copy_result(imported: float, target_path: Path) -> dict:
+    """Timings of a plain copy that has just finished, and the rows its target holds."""
     finished = time.perf_counter()
     return {"import_s": imported - _PROCESS_START, "steady_s": finished - imported,
             "total_s": finished - _PROCESS_START, "copied": _count(target_path, "customer")}
@@ -293,9 +298,7 @@ def measure_executemany(where: Path, batch_size: int, upsert: bool) -> dict:
     target.commit()
     source.close()
     target.close()
-    finished = time.perf_counter()
-    return {"import_s": imported - _PROCESS_START, "steady_s": finished - imported,
-            "total_s": finished - _PROCESS_START, "copied": _count(target_path, "customer")}
+    return _plain_copy_result(imported, target_path)
 
 
 def child(mode: str, where: Path, batch_size: int) -> None:
