@@ -137,19 +137,47 @@ def run(
     how = configure_prefect(verbose)
     mapping = _load(mapping_file)
     console.print(f"[dim]{how}[/]", highlight=False)
-    started = time.perf_counter()
     from crmbridge.flows import migrate
 
+    _with_progress(lambda: migrate.start_run(mapping.path, dry_run=dry_run), dry_run)
+
+
+@app.command()
+def resume(
+    run_id: Annotated[str, typer.Argument(help="The failed or killed run (a unique prefix is enough).")],
+    project: ProjectOpt = Path("."),
+    state_dir: StateOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's own log lines.")] = False,
+) -> None:
+    """Carry on a failed or killed run where it stopped: staged entities are not extracted again and
+    loaded batches are not loaded again. The mapping file must be unchanged since the run started."""
+    from crmbridge.flows.prefect_env import configure_prefect
+
+    how = configure_prefect(verbose)
+    try:
+        item = find_run(_state_dir(project, state_dir), run_id)
+    except CrmbridgeError as error:
+        raise _fail(str(error)) from None
+    console.print(f"[dim]{how}[/]", highlight=False)
+    from crmbridge.flows import migrate
+
+    _with_progress(lambda: (item, migrate.resume_run(item)), item.manifest().dry_run)
+
+
+def _with_progress(start, dry_run: bool) -> None:
+    """Run `start()` (a run or a resume) under progress bars, then print its reconciliation."""
+    from crmbridge.flows import migrate
+    from crmbridge.flows.progress import NoProgress
+
+    started = time.perf_counter()
     with RichProgress() as bars:
         migrate.progress_reporter = bars
         try:
-            run_dir, result = migrate.start_run(mapping.path, dry_run=dry_run)
+            run_dir, result = start()
         except CrmbridgeError as error:
             bars.bars.stop()
             raise _fail(str(error)) from None
         finally:
-            from crmbridge.flows.progress import NoProgress
-
             migrate.progress_reporter = NoProgress()
     console.print(reconciliation_table(result, dry_run))
     waited = f" (first rows moved after {bars.first_rows_at - started:.1f}s)" if bars.first_rows_at else ""

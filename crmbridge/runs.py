@@ -37,6 +37,7 @@ class Manifest:
     operator: str = field(default_factory=lambda: os.environ.get("USER") or os.environ.get("USERNAME") or "unknown")
     flow_run_id: str | None = None
     entities: dict[str, dict[str, Any]] = field(default_factory=dict)
+    resumed: list[str] = field(default_factory=list)  # when the run was resumed, oldest first
 
 
 class RunDir:

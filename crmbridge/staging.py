@@ -17,6 +17,7 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
+from crmbridge.errors import CrmbridgeError
 from crmbridge.mappings.model import Entity
 
 _DUCK_TYPES = {"string": "VARCHAR", "integer": "BIGINT", "decimal": "VARCHAR", "float": "DOUBLE",
@@ -65,7 +66,13 @@ class QuarantineRecord:
 class Staging:
     def __init__(self, path: Path):
         self.path = path
-        self.con = duckdb.connect(str(path))
+        try:
+            self.con = duckdb.connect(str(path))
+        except duckdb.IOException as error:
+            if "lock" not in str(error).lower():
+                raise
+            raise CrmbridgeError(f"the staging store {path} is in use by another process "
+                                 "(is that run still going?)") from None
         self.con.execute("SET TimeZone = 'UTC'")
         # Committed batches are durable in the write-ahead log either way; checkpointing it every 16 MiB (the
         # default) made staging about twice as slow (bench/migrate_sqlite.py).
@@ -162,6 +169,19 @@ class Staging:
         with warnings.catch_warnings():  # the copy it warns about is one batch; `con.sql` would need the
             warnings.simplefilter("ignore", UserWarning)  # connection free of every earlier result
             return result.to_arrow_table()
+
+    def rows_for_external_ids_arrow(self, entity: Entity, external_ids: list[str]) -> pa.Table:
+        """The staged rows with these external ids, references resolved as for loading: what the load wrote
+        (rollback compares the target with it to find records changed after the run)."""
+        self.con.register("wanted_ext", pa.table({"ext": pa.array(external_ids, pa.string())}))
+        try:
+            result = self.con.execute(f"SELECT q.* FROM ({self._load_query(entity)}) q "
+                                      "SEMI JOIN wanted_ext w ON q._ext = w.ext", [-(2 ** 62), 2 ** 62])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return result.to_arrow_table()
+        finally:
+            self.con.unregister("wanted_ext")
 
     def _load_query(self, entity: Entity) -> str:
         select = ["s.*"]

@@ -3,8 +3,10 @@ stage -> dedupe -> load -> reconcile. Tasks are per batch, never per row."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import traceback
+from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,7 +16,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.context import get_run_context
 
+from crmbridge import failpoints
 from crmbridge.audit import AuditTrail
+from crmbridge.checkpoints import SETTLED, STAGED, Checkpoints
 from crmbridge.errors import CrmbridgeError, ReconciliationError
 from crmbridge.flows import steps
 from crmbridge.flows.progress import NoProgress, Progress
@@ -51,7 +55,8 @@ def _now() -> str:
 
 
 @flow(name="crmbridge-migrate", flow_run_name="{run_id}", validate_parameters=False)
-def migrate_flow(mapping_path: str, run_id: str, state_dir: str, dry_run: bool = False) -> dict[str, Any]:
+def migrate_flow(mapping_path: str, run_id: str, state_dir: str, dry_run: bool = False,
+                 resuming: bool = False) -> dict[str, Any]:
     mapping = load_mapping(mapping_path)
     run = RunDir(runs_root(Path(state_dir)) / run_id)
     manifest = run.manifest()
@@ -62,10 +67,11 @@ def migrate_flow(mapping_path: str, run_id: str, state_dir: str, dry_run: bool =
     run.write_manifest(manifest)
     staging = Staging(run.staging_path)
     audit = AuditTrail(run.path / "events.jsonl", run_id, mapping.name, mapping.sha256, manifest.operator)
-    ctx = steps.RunContext(mapping, run, staging, audit, dry_run, progress_reporter)
+    ctx = steps.RunContext(mapping, run, staging, audit, dry_run, progress_reporter, Checkpoints(staging))
     redact = Redactor(mapping.secrets)
     logger = get_run_logger()
-    audit.append("run_started", dry_run=dry_run, entities=[e.name for e in mapping.load_order()])
+    audit.append("run_resumed" if resuming else "run_started", dry_run=dry_run,
+                 entities=[e.name for e in mapping.load_order()])
     try:
         order = mapping.load_order()
         # Stage every entity before loading any: a bad source fails the run before the target changes.
@@ -75,6 +81,7 @@ def migrate_flow(mapping_path: str, run_id: str, state_dir: str, dry_run: bool =
             ctx.target(entity.target).prepare(entity, ctx.dry_run)
         for entity in order:
             _load_entity(ctx, entity, manifest)
+        failpoints.reach("reconcile.before")
         results = steps.reconcile(ctx)
         reconciliation = {"run_id": run_id, "dry_run": dry_run, "entities": [r.as_dict() for r in results]}
         run.write_reconciliation(reconciliation)
@@ -103,6 +110,13 @@ def migrate_flow(mapping_path: str, run_id: str, state_dir: str, dry_run: bool =
 
 def _stage_entity(ctx: steps.RunContext, entity, manifest: Manifest) -> None:
     state: dict[str, Any] = manifest.entities.setdefault(entity.name, {})
+    checkpoints = ctx.checkpoints
+    assert checkpoints is not None
+    if checkpoints.done(entity.name, STAGED):
+        if not checkpoints.done(entity.name, SETTLED):
+            _settle_entity(ctx, entity, state)
+        return  # staged by an earlier attempt of this run: never extracted twice
+    checkpoints.reset_entity(entity.name, entity)  # an attempt that died halfway starts the entity again
     connector = ctx.connector(entity.source, "source")
     source = connector.open_source(entity)
     ctx.progress.stage(entity.name, "extract")
@@ -112,19 +126,29 @@ def _stage_entity(ctx: steps.RunContext, entity, manifest: Manifest) -> None:
     try:
         for batch_no, batch in enumerate(source.read(entity.source_columns, ctx.mapping.batch_size)):
             seq += stage_batch_task(ctx, entity, batch_no, seq, batch)
+            failpoints.reach("stage.after_batch")
     finally:
         source.close()
+    checkpoints.mark_done(entity.name, STAGED)
     ctx.progress.done(entity.name, "extract")
     state["extract"] = "done"
     ctx.run.write_manifest(manifest)
+    failpoints.reach("stage.after_entity")
+    _settle_entity(ctx, entity, state)
 
+
+def _settle_entity(ctx: steps.RunContext, entity, state: dict[str, Any]) -> None:
     dedupe_task(ctx, entity)
+    assert ctx.checkpoints is not None
+    ctx.checkpoints.mark_done(entity.name, SETTLED)
     state["dedupe"] = "done"
+    failpoints.reach("dedupe.after")
 
 
 def _load_entity(ctx: steps.RunContext, entity, manifest: Manifest) -> None:
     state: dict[str, Any] = manifest.entities.setdefault(entity.name, {})
-    ranges = steps.load_ranges(ctx, entity)
+    loaded = ctx.checkpoints.loaded(entity.name) if ctx.checkpoints is not None else set()
+    ranges = [(first, last) for first, last in steps.load_ranges(ctx, entity) if first not in loaded]
     ctx.progress.stage(entity.name, "load", sum(b - a + 1 for a, b in ranges))
     for first, last in ranges:
         load_batch_task(ctx, entity, first, last)
@@ -142,17 +166,44 @@ def start_run(mapping_path: str | Path, dry_run: bool = False, run_id: str | Non
     manifest = Manifest(run_id=run.run_id, mapping_name=mapping.name, mapping_path=str(mapping.path),
                         mapping_sha256=mapping.sha256, dry_run=dry_run, started_at=_now())
     run.write_manifest(manifest)
+    with _run_log(run):
+        result = migrate_flow(str(mapping.path), run.run_id, str(mapping.state_dir), dry_run)
+    return run, result
+
+
+def resume_run(run: RunDir) -> dict:
+    """Carry on a failed or killed run from its checkpoints (see crmbridge.checkpoints).
+
+    Staged entities are not extracted again and loaded batches are not loaded again. The mapping must be the
+    one the run started with: resuming under another would mix two mappings' rows in one ledger."""
+    manifest = run.manifest()
+    if manifest.status == "succeeded":
+        raise CrmbridgeError(f"run {run.run_id} succeeded; there is nothing to resume")
+    mapping = load_mapping(manifest.mapping_path)
+    if mapping.sha256 != manifest.mapping_sha256:
+        raise CrmbridgeError(
+            f"{mapping.path} changed since run {run.run_id} started (sha256 {manifest.mapping_sha256[:12]}, "
+            f"now {mapping.sha256[:12]}); restore it to resume, or start a new run")
+    manifest.status, manifest.error, manifest.finished_at = "running", None, None
+    manifest.resumed = [*manifest.resumed, _now()]
+    run.write_manifest(manifest)
+    with _run_log(run):
+        return migrate_flow(str(mapping.path), run.run_id, str(mapping.state_dir), manifest.dry_run, resuming=True)
+
+
+@contextlib.contextmanager
+def _run_log(run: RunDir) -> Iterator[None]:
+    """crmbridge's own log lines go to the run's `run.log` while the flow runs."""
     handler = logging.FileHandler(run.log_path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("crmbridge")
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     try:
-        result = migrate_flow(str(mapping.path), run.run_id, str(mapping.state_dir), dry_run)
+        yield
     finally:
         root.removeHandler(handler)
         handler.close()
-    return run, result
 
 
-__all__ = ["asdict", "migrate_flow", "start_run"]
+__all__ = ["asdict", "migrate_flow", "resume_run", "start_run"]

@@ -16,7 +16,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from crmbridge import failpoints
 from crmbridge.audit import AuditTrail
+from crmbridge.checkpoints import Checkpoints
 from crmbridge.connectors import connector_for
 from crmbridge.connectors.base import Connector, Source, SourceBatch, Target
 from crmbridge.errors import SchemaDriftError
@@ -39,6 +41,7 @@ class RunContext:
     audit: AuditTrail
     dry_run: bool = False
     progress: Progress = field(default_factory=NoProgress)
+    checkpoints: Checkpoints | None = None  # journals load batches, so a crashed run can resume
     _targets: dict[str, Target] = field(default_factory=dict)
 
     def connector(self, name: str, role: str) -> Connector:
@@ -206,6 +209,19 @@ def _arrow_values(column: pa.ChunkedArray, kind: str) -> list[Any]:
     return [None if v is None else convert(v) for v in values]
 
 
+def written_values(entity: Entity, table: pa.Table, refs: dict[str, pa.ChunkedArray]) -> list[list[Any]]:
+    """Per field, the values a load writes for these staged rows (`refs`: resolved parent keys by field).
+
+    Rollback calls it too: these values are the run's after-image it compares the target with."""
+    return [_arrow_values(refs[n] if n in refs else table.column(n), spec.type) for n, spec in entity.fields.items()]
+
+
+def before_image(entity: Entity, values: dict[str, Any], changed: list[str]) -> str:
+    """What rollback needs to undo an update: the target's values of exactly the fields it changes, as canonical
+    text (JSON). Protected fields belong here in their staged (encrypted) form."""
+    return json.dumps({n: canonical(values[n], entity.fields[n].type) for n in changed})
+
+
 def load_batch(ctx: RunContext, entity: Entity, first_seq: int, last_seq: int) -> dict[str, int]:
     """Resolve references, compare with the target, upsert what changed and write the ledger.
 
@@ -244,8 +260,7 @@ def _load_batch(ctx: RunContext, entity: Entity, first_seq: int, last_seq: int) 
     names = list(entity.fields)
     kinds = [entity.fields[n].type for n in names]
     exts: list[str] = table.column("_ext").to_pylist()
-    desired = [_arrow_values(refs[n] if n in refs else table.column(n), k)
-               for n, k in zip(names, kinds, strict=True)]
+    desired = written_values(entity, table, refs)
     existing = target.fetch_existing(entity, exts) if exts else {}
 
     def row_and_key(i: int) -> tuple[int, str | None]:
@@ -272,7 +287,9 @@ def _load_batch(ctx: RunContext, entity: Entity, first_seq: int, last_seq: int) 
             values = currents[i].values
             actions[i] = "updated"
             changed_fields[i] = changed
-            before_images[i] = json.dumps({n: canonical(values[n], entity.fields[n].type) for n in changed})
+            before_images[i] = before_image(entity, values, changed)
+    if ctx.checkpoints is not None and not ctx.dry_run:
+        _follow_journal(ctx.checkpoints, entity, first_seq, exts, actions, changed_fields, before_images)
     if new_action == "":
         for i in (i for i, action in enumerate(actions) if not action):
             quarantined.append(QuarantineRecord(
@@ -290,8 +307,10 @@ def _load_batch(ctx: RunContext, entity: Entity, first_seq: int, last_seq: int) 
         if len(writing) != len(exts):
             columns = [[column[i] for i in writing] for column in columns]
         to_write = RowBatch(dict(zip([entity.external_id_column, *names], columns, strict=True)))
+        failpoints.reach("load.before_write")
         for failure in target.write(entity, to_write):
             failed[failure.external_id] = failure.detail
+        failpoints.reach("load.after_write")
     if entity.target_key_column == entity.external_id_column:
         new_keys = None  # a created row's target key is its external id
     elif ctx.dry_run:
@@ -327,13 +346,29 @@ def _load_batch(ctx: RunContext, entity: Entity, first_seq: int, last_seq: int) 
     ctx.staging.add_ledger_columns(entity, row_nos, keys, ext_column, target_keys, actions, changed_fields,
                                    before_images, names)
     ctx.staging.add_quarantine(entity, quarantined)
+    if ctx.checkpoints is not None and not ctx.dry_run:
+        ctx.checkpoints.mark_loaded(entity.name, first_seq, last_seq)
     ctx.staging.con.commit()
+    failpoints.reach("load.after_ledger")
     counts = {"created": actions.count("created"), "updated": actions.count("updated"),
               "unchanged": actions.count("unchanged"), "quarantined": len(quarantined)}
     ctx.audit.append("batch_loaded" if not ctx.dry_run else "batch_planned", entity=entity.name,
                      first_seq=first_seq, last_seq=last_seq, fields=names, **counts)
     ctx.progress.advance(entity.name, "load", last_seq - first_seq + 1)
     return counts
+
+
+def _follow_journal(checkpoints: Checkpoints, entity: Entity, first_seq: int, exts: list[str], actions: list[str],
+                    changed_fields: list[list[str] | None], before_images: list[str | None]) -> None:
+    """Journal this batch's plan before the target sees it; when resuming a batch an earlier attempt may have
+    half written, take the journalled action of every row that attempt already changed instead."""
+    plan = checkpoints.plan(entity.name, first_seq)
+    if plan is not None:
+        for i, ext in enumerate(exts):
+            planned = plan.action_for(ext)
+            if planned is not None and actions[i] in ("unchanged", "updated"):
+                actions[i], changed_fields[i], before_images[i] = planned
+    checkpoints.journal(entity.name, first_seq, exts, actions, changed_fields, before_images)
 
 
 def reconcile(ctx: RunContext) -> list[EntityReconciliation]:
