@@ -24,6 +24,10 @@ app = typer.Typer(help="Move customer data between legacy systems, ERPs and CRMs
 
 MappingArg = Annotated[Path, typer.Argument(help="The mapping file (YAML).", show_default=False)]
 ProjectOpt = Annotated[Path, typer.Option("--project", "-p", help="Project directory (holds .crmbridge/).")]
+DaskOpt = Annotated[str | None, typer.Option(
+    "--dask", metavar="local[:N]|ADDRESS",
+    help="Prepare batches (cleanse, validate, protect) on a Dask cluster: `local` starts one worker process per "
+         "CPU (`local:N`: N), an address such as tcp://10.0.0.5:8786 uses a running cluster.")]
 StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="State directory, if not <project>/.crmbridge.")]
 
 
@@ -75,8 +79,13 @@ def init(directory: Annotated[Path, typer.Argument(help="Directory to create.")]
 def validate(
     mapping_file: MappingArg,
     offline: Annotated[bool, typer.Option(help="Only check the file; do not connect to sources and targets.")] = False,
+    check_target: Annotated[bool, typer.Option(
+        "--check-target", help="Compare the mapping with each target's metadata (Salesforce: describe()); the "
+        "default unless --offline.")] = False,
 ) -> None:
     """Check a mapping: JSON Schema, meaning, then (unless --offline) the real sources and targets."""
+    if offline and check_target:
+        raise _fail("--offline and --check-target contradict each other: checking a target connects to it", 2)
     mapping = _load(mapping_file)
     if not offline:
         from crmbridge.flows.inspect import check_systems
@@ -130,6 +139,7 @@ def run(
     mapping_file: MappingArg,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Do everything but write to the target.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's own log lines.")] = False,
+    dask: DaskOpt = None,
 ) -> None:
     """Run the migration as a Prefect flow and print its reconciliation."""
     from crmbridge.flows.prefect_env import configure_prefect
@@ -139,7 +149,7 @@ def run(
     console.print(f"[dim]{how}[/]", highlight=False)
     from crmbridge.flows import migrate
 
-    _with_progress(lambda: migrate.start_run(mapping.path, dry_run=dry_run), dry_run)
+    _with_progress(lambda: migrate.start_run(mapping.path, dry_run=dry_run, dask=dask), dry_run)
 
 
 @app.command()
@@ -148,6 +158,7 @@ def resume(
     project: ProjectOpt = Path("."),
     state_dir: StateOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's own log lines.")] = False,
+    dask: DaskOpt = None,
 ) -> None:
     """Carry on a failed or killed run where it stopped: staged entities are not extracted again and
     loaded batches are not loaded again. The mapping file must be unchanged since the run started."""
@@ -161,7 +172,7 @@ def resume(
     console.print(f"[dim]{how}[/]", highlight=False)
     from crmbridge.flows import migrate
 
-    _with_progress(lambda: (item, migrate.resume_run(item)), item.manifest().dry_run)
+    _with_progress(lambda: (item, migrate.resume_run(item, dask=dask)), item.manifest().dry_run)
 
 
 def _with_progress(start, dry_run: bool) -> None:
@@ -234,43 +245,11 @@ def report(
         console.print("no reconciliation (the run stopped before reconciling)")
 
 
-@app.command()
-def quarantine(
-    run_id: Annotated[str, typer.Argument(help="Run id (a unique prefix is enough).")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="CSV file (default: standard output).")] = None,
-    entity: Annotated[str | None, typer.Option(help="Only this entity.")] = None,
-    project: ProjectOpt = Path("."),
-    state_dir: StateOpt = None,
-) -> None:
-    """Export a run's quarantined rows as CSV: row, source key, stage, reason codes. Never values.
+from crmbridge.cli.profile_cmd import profile  # noqa: E402
+from crmbridge.cli.quarantine_cmd import quarantine_app  # noqa: E402  (registered after the app exists)
 
-    A source key is masked like the field that carries it; when the run's mapping can no longer be
-    read, every key is masked."""
-    from crmbridge.masking import key_mask, mask_value
-    from crmbridge.staging import Staging
-
-    try:
-        item = find_run(_state_dir(project, state_dir), run_id)
-    except CrmbridgeError as error:
-        raise _fail(str(error)) from None
-    staging = Staging(item.staging_path)
-    try:
-        frame = staging.quarantine_frame(entity)
-    finally:
-        staging.close()
-    try:
-        policies = {e.name: key_mask(e) for e in load_mapping(item.manifest().mapping_path).entities}
-    except CrmbridgeError:
-        policies = {}
-    frame["source_key"] = [mask_value(k, policies.get(e, "full")) for e, k in zip(frame.entity, frame.source_key,
-                                                                                   strict=True)]
-    frame["problems"] = frame["problems"].map(
-        lambda text: "; ".join(f"{p['field']}: {p['code']} ({p['detail']})" for p in json.loads(text)))
-    if output:
-        frame.to_csv(output, index=False)
-        console.print(f"{len(frame)} quarantined rows written to {output}")
-    else:
-        frame.to_csv(sys.stdout, index=False)
+app.add_typer(quarantine_app, name="quarantine")
+app.command()(profile)
 
 
 server_app = typer.Typer(help="A persistent local Prefect server, so runs start in under a second.",
@@ -306,6 +285,32 @@ def server_status() -> None:
 
     info = running_server()
     console.print(f"running at {info.api_url} (pid {info.pid})" if info else "not running")
+
+
+from crmbridge.cli.keys_cmd import erase, keys_app  # noqa: E402  (the keyring of protected fields)
+
+app.add_typer(keys_app, name="keys")
+app.command()(erase)
+from crmbridge.cli.rollback_cmd import rollback  # noqa: E402  (undo a run in its targets)
+
+app.command()(rollback)
+
+from crmbridge.cli.sync_cmd import schedule, sync  # noqa: E402  (incremental ERP -> CRM sync)
+
+app.command()(sync)
+app.command()(schedule)
+
+from crmbridge.cli.dedupe_cmd import dedupe_app  # noqa: E402  (explain merges, merge report)
+
+app.add_typer(dedupe_app, name="dedupe")
+
+from crmbridge.cli.audit_cmd import audit_app  # noqa: E402  (the compliance audit trail)
+
+app.add_typer(audit_app, name="audit")
+
+from crmbridge.cli.sandbox_cmd import sandbox_app  # noqa: E402  (local emulators: `sandbox salesforce`)
+
+app.add_typer(sandbox_app, name="sandbox")
 
 
 def main() -> None:

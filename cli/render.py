@@ -37,6 +37,12 @@ def reconciliation_table(data: dict[str, Any], dry_run: bool = False) -> Table:
     for row in data["entities"]:
         ok = "[green]yes[/]" if row["balanced"] else "[red]NO[/]"
         table.add_row(row["entity"], str(row["source"]), *(str(row[b]) for b in BUCKETS), ok)
+    usage = data.get("api_usage") or {}
+    if usage:  # e.g. Salesforce: calls this run made, and the org's daily quota from Sforce-Limit-Info
+        table.caption = "API usage: " + "; ".join(
+            f"{name} {u.get('calls', 0)} calls" + (f", {u['retries']} retried" if u.get("retries") else "")
+            + (f", org {u['org_api_used']}/{u['org_api_limit']} today" if u.get("org_api_limit") else "")
+            for name, u in usage.items())
     return table
 
 

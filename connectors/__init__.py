@@ -15,7 +15,7 @@ __all__ = [
 
 @cache
 def _registry() -> dict[str, type[Connector]]:
-    from crmbridge.connectors import files, sql
+    from crmbridge.connectors import files, salesforce, soap, sql
 
     found: dict[str, type[Connector]] = {
         "sql": sql.SqlConnector,
@@ -23,6 +23,8 @@ def _registry() -> dict[str, type[Connector]]:
         "excel": files.ExcelConnector,
         "jsonl": files.JsonLinesConnector,
         "parquet": files.ParquetConnector,
+        "soap": soap.SoapConnector,
+        "salesforce": salesforce.SalesforceConnector,
     }
     for entry in entry_points(group="crmbridge.connectors"):
         if entry.name not in found:  # built-ins win; plug-ins add kinds

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -74,6 +74,35 @@ class Target(Protocol):
     def target_keys(self, entity: Entity, external_ids: Sequence[str]) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RestoreRow:
+    """One record to put back as it was before a run: the external id, the target key it had, and the values
+    of the fields to restore, already converted to the fields' types (a full record when re-creating)."""
+
+    external_id: str
+    target_key: Any
+    values: dict[str, Any]
+
+
+@runtime_checkable
+class ReversibleTarget(Protocol):
+    """The optional capability `crmbridge rollback` needs: a target without it cannot roll a run back.
+
+    Each call returns the records the target refused (by external id, reason code and error class); the
+    rest are done and committed when the call returns, so a rollback killed in between resumes safely.
+    """
+
+    def delete(self, entity: Entity, rows: Sequence[RestoreRow]) -> list[WriteFailure]:
+        """Delete the records a run created (`values` is empty); a record already gone is not a failure."""
+
+    def restore(self, entity: Entity, rows: Sequence[RestoreRow]) -> list[WriteFailure]:
+        """Set exactly the given fields of existing records back to their before-image values."""
+
+    def recreate(self, entity: Entity, rows: Sequence[RestoreRow]) -> list[WriteFailure]:
+        """Bring back records a run deleted, with their target key where the target lets the key be chosen
+        (a CRM that cannot may undelete them from its recycle bin instead)."""
 
 
 class Connector:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -15,10 +15,18 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, NoSuchTableError, SQLAlchemyError
 
-from crmbridge.connectors.base import ColumnInfo, Connector, ExistingRow, SourceBatch, WriteFailure
+from crmbridge.connectors.base import (
+    ColumnInfo,
+    Connector,
+    ExistingRow,
+    RestoreRow,
+    SourceBatch,
+    WriteFailure,
+)
 from crmbridge.errors import CrmbridgeError, SourceError, TargetError
 from crmbridge.mappings.envvars import redact_url_password
 from crmbridge.mappings.model import Entity
+from crmbridge.retry import Backoff, GaveUp, retrying
 from crmbridge.values import RowBatch, bulk_work, column_from_values
 
 _DEFAULT_DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg",
@@ -376,6 +384,9 @@ class SqlTarget:
     def fetch_existing(self, entity: Entity, external_ids: Sequence[str]) -> dict[str, ExistingRow]:
         if entity.name in self._not_created:
             return {}
+        return self._with_retries(entity, "look-up", lambda: self._fetch_existing(entity, external_ids))
+
+    def _fetch_existing(self, entity: Entity, external_ids: Sequence[str]) -> dict[str, ExistingRow]:
         table = self.table(entity)
         ext, key = table.c[entity.external_id_column], table.c[entity.target_key_column]
         fields = [table.c[f] for f in entity.fields]
@@ -415,6 +426,9 @@ class SqlTarget:
         return found
 
     def target_keys(self, entity: Entity, external_ids: Sequence[str]) -> dict[str, Any]:
+        return self._with_retries(entity, "key look-up", lambda: self._target_keys(entity, external_ids))
+
+    def _target_keys(self, entity: Entity, external_ids: Sequence[str]) -> dict[str, Any]:
         table = self.table(entity)
         ext, key = table.c[entity.external_id_column], table.c[entity.target_key_column]
         keys: dict[str, Any] = {}
@@ -443,9 +457,32 @@ class SqlTarget:
             return []
         rows = self._bindable(entity, rows)
         statement = self._upsert(entity, list(rows[0]))
-        failures: list[WriteFailure] = []
-        self._write_isolating_failures(entity, statement, rows, failures)
-        return failures
+
+        def attempt() -> list[WriteFailure]:  # the whole batch again: an upsert on external ids repeats safely
+            failures: list[WriteFailure] = []
+            self._write_isolating_failures(entity, statement, rows, failures)
+            return failures
+
+        return self._with_retries(entity, "write", attempt)
+
+    def _with_retries(self, entity: Entity, what: str, call: Callable[[], T]) -> T:
+        """Run `call`, retrying with backoff on a dropped connection, a deadlock or a busy database."""
+        name = self.connector.connection.name
+        try:
+            return retrying(call, transient=is_transient, what=f"entity {entity.name}: {what} on target {name}",
+                            backoff=BACKOFF, before_retry=self._reconnect)
+        except GaveUp as gave_up:
+            cause = gave_up.last
+            reason = type(getattr(cause, "orig", None) or cause).__name__
+            raise TargetError(f"entity `{entity.name}`: {what} on target `{name}` failed {gave_up.attempts} times "
+                              f"with a transient fault ({reason}: {_fault_kind(cause)}); the batch was not "
+                              "recorded, `crmbridge resume` carries on from it") from None
+
+    def _reconnect(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(SQLAlchemyError):
+                self._conn.close()
+            self._conn = None
 
     def _write_isolating_failures(self, entity, statement, rows, failures: list[WriteFailure]) -> None:
         """Write in one go; if the target refuses, bisect to find the refused rows and write the rest.
@@ -481,11 +518,10 @@ class SqlTarget:
             self.conn.commit()
             return
         except sa.exc.OperationalError as error:
-            self.conn.rollback()
-            if _is_connection_error(error):
-                raise TargetError(f"entity `{entity.name}`: lost the connection to target "
-                                  f"`{self.connector.connection.name}` "
-                                  f"({type(error.orig).__name__})") from None
+            with contextlib.suppress(SQLAlchemyError):  # a dropped connection cannot roll back
+                self.conn.rollback()
+            if is_transient(error):
+                raise  # the caller retries the whole batch
             if len(rows) > 1:
                 self._bisect(entity, statement, rows, failures)
             else:
@@ -503,6 +539,79 @@ class SqlTarget:
         self._write_isolating_failures(entity, statement, rows[:middle], failures)
         self._write_isolating_failures(entity, statement, rows[middle:], failures)
 
+    # --- rollback (connectors.base.ReversibleTarget) ----------------------------------------------------
+
+    def delete(self, entity: Entity, rows: Sequence[RestoreRow]) -> list[WriteFailure]:
+        if not rows or entity.name in self._not_created:
+            return []
+        ext = self.table(entity).c[entity.external_id_column]
+        ids = [r.external_id for r in rows]
+        chunks = [ids[start:start + _IN_CHUNK] for start in range(0, len(ids), _IN_CHUNK)]
+        return self._run_each(entity, [(sa.delete(self.table(entity)).where(ext.in_(c)), None, c) for c in chunks])
+
+    def restore(self, entity: Entity, rows: Sequence[RestoreRow]) -> list[WriteFailure]:
+        if not rows:
+            return []
+        table = self.table(entity)
+        ext = table.c[entity.external_id_column]
+        groups: dict[tuple[str, ...], list[RestoreRow]] = {}
+        for row in rows:  # one UPDATE statement per set of restored fields
+            groups.setdefault(tuple(sorted(row.values)), []).append(row)
+        naive = set(self._naive_utc.get(entity.name, ()))
+        statements = []
+        for fields, group in groups.items():
+            statement = (sa.update(table).where(ext == sa.bindparam("b_ext"))
+                         .values({f: sa.bindparam(f"b_{i}") for i, f in enumerate(fields)}))
+            params = [{"b_ext": r.external_id, **{f"b_{i}": _naive_utc(r.values[f]) if f in naive else r.values[f]
+                                                  for i, f in enumerate(fields)}} for r in group]
+            statements.append((statement, params, [r.external_id for r in group]))
+        return self._run_each(entity, statements)
+
+    def recreate(self, entity: Entity, rows: Sequence[RestoreRow]) -> list[WriteFailure]:
+        if not rows:
+            return []
+        key, ext = entity.target_key_column, entity.external_id_column
+        integer_key = type_category(self.table(entity).c[key].type) == "integer"
+        records = []
+        for row in rows:
+            record = {ext: row.external_id, **row.values}
+            if key != ext and row.target_key is not None:  # the same key, so children still point at it
+                record[key] = int(row.target_key) if integer_key else row.target_key
+            records.append(record)
+        return self.write(entity, records)
+
+    def _run_each(self, entity: Entity, statements: list[tuple[sa.Executable, Any, list[str]]]) -> list[WriteFailure]:
+        """Run each statement (with its executemany parameters) in one transaction; when the target refuses
+        one, run its rows one at a time so only the refused rows fail."""
+        failures: list[WriteFailure] = []
+        try:
+            for statement, params, _ in statements:
+                self.conn.execute(statement, params) if params is not None else self.conn.execute(statement)
+            self.conn.commit()
+            return failures
+        except sa.exc.OperationalError as error:
+            self.conn.rollback()
+            if _is_connection_error(error):
+                raise TargetError(f"entity `{entity.name}`: lost the connection to target "
+                                  f"`{self.connector.connection.name}` ({type(error.orig).__name__})") from None
+        except (sa.exc.IntegrityError, sa.exc.DataError, sa.exc.ProgrammingError, sa.exc.StatementError):
+            self.conn.rollback()
+        for statement, params, ids in statements:
+            for i, external_id in enumerate(ids):
+                if params is None:  # a DELETE of many ids: retry it id by id
+                    bound = None
+                    single = sa.delete(self.table(entity)).where(
+                        self.table(entity).c[entity.external_id_column] == external_id)
+                else:
+                    single, bound = statement, [params[i]]
+                try:
+                    self.conn.execute(single, bound) if bound is not None else self.conn.execute(single)
+                    self.conn.commit()
+                except SQLAlchemyError as error:
+                    self.conn.rollback()
+                    failures.append(_failure(entity, {entity.external_id_column: external_id}, error))
+        return failures
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -518,6 +627,36 @@ def _naive_utc(value: Any) -> Any:
 
 def _is_connection_error(error: DBAPIError) -> bool:
     return bool(getattr(error, "connection_invalidated", False))
+
+
+# Faults worth another try: the statement did not take effect and may well succeed a moment later.
+_TRANSIENT_SQLSTATES = {"40001", "40P01", "57P01", "57P02", "57P03"}  # serialization, deadlock, shutdown
+_TRANSIENT_MYSQL = {1205, 1213, 2006, 2013}  # lock wait timeout, deadlock, server gone away, lost connection
+_TRANSIENT_SQLITE = {"SQLITE_BUSY", "SQLITE_LOCKED"}
+
+BACKOFF = Backoff()
+T = TypeVar("T")
+
+
+def is_transient(error: BaseException) -> bool:
+    if not isinstance(error, DBAPIError):
+        return False
+    if _is_connection_error(error):
+        return True
+    orig = error.orig
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if state and (state in _TRANSIENT_SQLSTATES or state.startswith("08")):  # class 08: connection exception
+        return True
+    args = getattr(orig, "args", None)
+    if args and isinstance(args[0], int) and args[0] in _TRANSIENT_MYSQL:
+        return True
+    return getattr(orig, "sqlite_errorname", None) in _TRANSIENT_SQLITE
+
+
+def _fault_kind(error: BaseException) -> str:
+    if isinstance(error, DBAPIError) and _is_connection_error(error):
+        return "connection lost"
+    return "busy or deadlocked"
 
 
 def _failure(entity: Entity, row: dict[str, Any], error: SQLAlchemyError) -> WriteFailure:

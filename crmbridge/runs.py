@@ -38,6 +38,7 @@ class Manifest:
     flow_run_id: str | None = None
     entities: dict[str, dict[str, Any]] = field(default_factory=dict)
     resumed: list[str] = field(default_factory=list)  # when the run was resumed, oldest first
+    staging_opened: bool = False  # the run's staging store exists (a resume needs it from then on)
 
 
 class RunDir:

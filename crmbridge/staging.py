@@ -175,15 +175,15 @@ class Staging:
         (rollback compares the target with it to find records changed after the run)."""
         self.con.register("wanted_ext", pa.table({"ext": pa.array(external_ids, pa.string())}))
         try:
-            result = self.con.execute(f"SELECT q.* FROM ({self._load_query(entity)}) q "
-                                      "SEMI JOIN wanted_ext w ON q._ext = w.ext", [-(2 ** 62), 2 ** 62])
+            # Filtered before the reference joins and the sort: staging's memory cap holds one batch, not all rows.
+            result = self.con.execute(self._load_query(entity, "s._ext IN (SELECT ext FROM wanted_ext)"))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 return result.to_arrow_table()
         finally:
             self.con.unregister("wanted_ext")
 
-    def _load_query(self, entity: Entity) -> str:
+    def _load_query(self, entity: Entity, where: str = "s._seq BETWEEN ? AND ?") -> str:
         select = ["s.*"]
         joins = []
         for i, spec in enumerate(f for f in entity.fields.values() if f.ref):
@@ -193,7 +193,7 @@ class Staging:
             select.append(f'{alias}.target_key AS "{spec.name}__target"')
             select.append(f'({alias}.entity IS NOT NULL) AS "{spec.name}__resolved"')
         return (f'SELECT {", ".join(select)} FROM "{table_name(entity)}" s {" ".join(joins)} '
-                f"WHERE s._seq BETWEEN ? AND ? ORDER BY s._seq")
+                f"WHERE {where} ORDER BY s._seq")
 
     # --- ledger and progress ------------------------------------------------------------------------
 

@@ -4,20 +4,25 @@ stage -> dedupe -> load -> reconcile. Tasks are per batch, never per row."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 import traceback
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import duckdb
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.context import get_run_context
+from prefect.futures import PrefectFuture
 
 from crmbridge import failpoints
-from crmbridge.audit import AuditTrail
+from crmbridge.audit.project import open_trail
 from crmbridge.checkpoints import SETTLED, STAGED, Checkpoints
 from crmbridge.errors import CrmbridgeError, ReconciliationError
 from crmbridge.flows import steps
@@ -30,6 +35,8 @@ from crmbridge.staging import Staging
 
 log = logging.getLogger("crmbridge.run")
 
+IN_FLIGHT = 4  # batches being prepared on workers at once, beyond the one being staged
+
 # The CLI installs its progress bars here; a flow started by a Prefect worker reports nothing extra.
 progress_reporter: Progress = NoProgress()
 
@@ -37,6 +44,12 @@ progress_reporter: Progress = NoProgress()
 @task(name="stage-batch", cache_policy=NONE, task_run_name="stage-{entity.name}-{batch_no}")
 def stage_batch_task(ctx: steps.RunContext, entity, batch_no: int, first_seq: int, batch) -> int:
     return steps.process_batch(ctx, entity, batch_no, first_seq, batch)
+
+
+@task(name="prepare-batch", cache_policy=NONE, task_run_name="prepare-{entity.name}-{batch_no}")
+def prepare_batch_task(mapping, entity, batch_no: int, batch) -> steps.PreparedBatch:
+    """Cleanse, validate and protect one batch where the task runner puts it (a Dask worker)."""
+    return steps.prepare_batch(mapping, entity, batch)
 
 
 @task(name="dedupe", cache_policy=NONE, task_run_name="dedupe-{entity.name}")
@@ -56,7 +69,7 @@ def _now() -> str:
 
 @flow(name="crmbridge-migrate", flow_run_name="{run_id}", validate_parameters=False)
 def migrate_flow(mapping_path: str, run_id: str, state_dir: str, dry_run: bool = False,
-                 resuming: bool = False) -> dict[str, Any]:
+                 resuming: bool = False, distributed: bool = False) -> dict[str, Any]:
     mapping = load_mapping(mapping_path)
     run = RunDir(runs_root(Path(state_dir)) / run_id)
     manifest = run.manifest()
@@ -64,10 +77,12 @@ def migrate_flow(mapping_path: str, run_id: str, state_dir: str, dry_run: bool =
         manifest.flow_run_id = str(get_run_context().flow_run.id)
     except Exception:  # outside a flow run context (never in practice); the id is informational
         manifest.flow_run_id = None
-    run.write_manifest(manifest)
     staging = Staging(run.staging_path)
-    audit = AuditTrail(run.path / "events.jsonl", run_id, mapping.name, mapping.sha256, manifest.operator)
-    ctx = steps.RunContext(mapping, run, staging, audit, dry_run, progress_reporter, Checkpoints(staging))
+    manifest.staging_opened = True  # from now on the run's progress lives in the staging store
+    run.write_manifest(manifest)
+    audit = open_trail(mapping, run_id, manifest.operator)  # the project's store (settings.audit)
+    ctx = steps.RunContext(mapping, run, staging, audit, dry_run, progress_reporter, Checkpoints(staging),
+                           distributed=distributed)
     redact = Redactor(mapping.secrets)
     logger = get_run_logger()
     audit.append("run_resumed" if resuming else "run_started", dry_run=dry_run,
@@ -82,8 +97,13 @@ def migrate_flow(mapping_path: str, run_id: str, state_dir: str, dry_run: bool =
         for entity in order:
             _load_entity(ctx, entity, manifest)
         failpoints.reach("reconcile.before")
+        if not run.staging_path.exists():  # an open file survives its deletion; the run's record would not
+            raise CrmbridgeError(f"the staging store {run.staging_path} was deleted while the run was going; "
+                                 "its ledger and quarantine are lost, so the run cannot be reconciled")
         results = steps.reconcile(ctx)
         reconciliation = {"run_id": run_id, "dry_run": dry_run, "entities": [r.as_dict() for r in results]}
+        if ctx.usage():  # API calls used per target (e.g. Salesforce), shown in the run report
+            reconciliation["api_usage"] = ctx.usage()
         run.write_reconciliation(reconciliation)
         problem = unbalanced_message(results)
         if problem:
@@ -91,21 +111,44 @@ def migrate_flow(mapping_path: str, run_id: str, state_dir: str, dry_run: bool =
         manifest.status = "succeeded"
         audit.append("run_finished", outcome="succeeded",
                      totals={r.entity: r.as_dict() for r in results})
+        audit.checkpoint()  # signed: chain head and the Merkle root of this run's events
         return reconciliation
     except BaseException as error:
         manifest.status = "failed"
-        manifest.error = redact(str(error)) if isinstance(error, CrmbridgeError) else type(error).__name__
-        audit.append("run_finished", outcome="failed", reason=type(error).__name__)
+        storage = _storage_failure(run, error)
+        manifest.error = (redact(str(error)) if isinstance(error, CrmbridgeError)
+                          else storage or type(error).__name__)
+        with contextlib.suppress(Exception):  # a failing audit store must not hide the run's own error
+            audit.append("run_finished", outcome="failed", reason=type(error).__name__)
+            audit.checkpoint()
         logger.error("run %s failed: %s", run_id, manifest.error)
         # The traceback's frames hold the staging connection; Prefect keeps the exception in the flow
         # state until exit, so drop those locals now rather than leak the DuckDB handles.
         traceback.clear_frames(error.__traceback__)
+        if storage:
+            raise CrmbridgeError(storage) from None
         raise
     finally:
         manifest.finished_at = _now()
         run.write_manifest(manifest)
         ctx.close()
         staging.close()
+        with contextlib.suppress(Exception):  # flushed by the checkpoint already; never mask the run's error
+            audit.close()
+
+
+def _storage_failure(run: RunDir, error: BaseException) -> str | None:
+    """A clear message for a full disk or an unwritable run directory (these messages name files, not
+    values); None for any other error."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device holding {error.filename or run.path}; free some and "
+                f"`crmbridge resume {run.run_id}`")
+    if isinstance(error, OSError) and error.filename:  # a file of the run (not a network error)
+        return f"cannot write {error.filename}: {error.strerror or type(error).__name__}"
+    if isinstance(error, duckdb.IOException):
+        hint = (f"; free some and `crmbridge resume {run.run_id}`" if "space left" in str(error) else "")
+        return f"the staging store {run.staging_path} failed: {error}{hint}"
+    return None
 
 
 def _stage_entity(ctx: steps.RunContext, entity, manifest: Manifest) -> None:
@@ -122,11 +165,9 @@ def _stage_entity(ctx: steps.RunContext, entity, manifest: Manifest) -> None:
     ctx.progress.stage(entity.name, "extract")
     steps.check_source_schema(ctx.mapping, entity, source, connector.describe())
     ctx.staging.create_rows_table(entity)
-    seq = 0
     try:
-        for batch_no, batch in enumerate(source.read(entity.source_columns, ctx.mapping.batch_size)):
-            seq += stage_batch_task(ctx, entity, batch_no, seq, batch)
-            failpoints.reach("stage.after_batch")
+        batches = source.read(entity.source_columns, ctx.mapping.batch_size)
+        (_stage_on_workers if ctx.distributed else _stage_here)(ctx, entity, batches)
     finally:
         source.close()
     checkpoints.mark_done(entity.name, STAGED)
@@ -135,6 +176,33 @@ def _stage_entity(ctx: steps.RunContext, entity, manifest: Manifest) -> None:
     ctx.run.write_manifest(manifest)
     failpoints.reach("stage.after_entity")
     _settle_entity(ctx, entity, state)
+
+
+def _stage_here(ctx: steps.RunContext, entity, batches: Iterable[Any]) -> None:
+    seq = 0
+    for batch_no, batch in enumerate(batches):
+        seq += stage_batch_task(ctx, entity, batch_no, seq, batch)
+        failpoints.reach("stage.after_batch")
+
+
+def _stage_on_workers(ctx: steps.RunContext, entity, batches: Iterable[Any]) -> None:
+    """Batches are prepared on the task runner's workers, a bounded number at a time (memory stays a few
+    batches), and staged here in source order, so the staging store is the one a single process builds."""
+    in_flight: deque[tuple[int, PrefectFuture]] = deque()
+    seq = 0
+
+    def stage_oldest() -> None:
+        nonlocal seq
+        batch_no, future = in_flight.popleft()
+        seq += steps.stage_prepared(ctx, entity, batch_no, seq, future.result(raise_on_failure=True))
+        failpoints.reach("stage.after_batch")
+
+    for batch_no, batch in enumerate(batches):
+        in_flight.append((batch_no, prepare_batch_task.submit(ctx.mapping, entity, batch_no, batch)))
+        if len(in_flight) > IN_FLIGHT:
+            stage_oldest()
+    while in_flight:
+        stage_oldest()
 
 
 def _settle_entity(ctx: steps.RunContext, entity, state: dict[str, Any]) -> None:
@@ -152,13 +220,18 @@ def _load_entity(ctx: steps.RunContext, entity, manifest: Manifest) -> None:
     ctx.progress.stage(entity.name, "load", sum(b - a + 1 for a, b in ranges))
     for first, last in ranges:
         load_batch_task(ctx, entity, first, last)
+    steps.after_load(ctx, entity)
     ctx.progress.done(entity.name, "load")
     state["load"] = "done" if not ctx.dry_run else "planned"
     ctx.run.write_manifest(manifest)
 
 
-def start_run(mapping_path: str | Path, dry_run: bool = False, run_id: str | None = None) -> tuple[RunDir, dict]:
-    """Create the run directory and manifest, then run the flow. Returns the run and its reconciliation."""
+def start_run(mapping_path: str | Path, dry_run: bool = False, run_id: str | None = None,
+              dask: str | None = None) -> tuple[RunDir, dict]:
+    """Create the run directory and manifest, then run the flow. Returns the run and its reconciliation.
+
+    `dask`: prepare batches on a Dask cluster, `local` (one worker process per CPU), `local:N` or a
+    scheduler address such as `tcp://10.0.0.5:8786` (see docs/scale-out.md)."""
     from crmbridge.runs import create_run
 
     mapping = load_mapping(mapping_path)
@@ -166,12 +239,48 @@ def start_run(mapping_path: str | Path, dry_run: bool = False, run_id: str | Non
     manifest = Manifest(run_id=run.run_id, mapping_name=mapping.name, mapping_path=str(mapping.path),
                         mapping_sha256=mapping.sha256, dry_run=dry_run, started_at=_now())
     run.write_manifest(manifest)
-    with _run_log(run):
-        result = migrate_flow(str(mapping.path), run.run_id, str(mapping.state_dir), dry_run)
+    with _run_log(run), _api_for_workers(dask):
+        result = _flow_for(dask)(str(mapping.path), run.run_id, str(mapping.state_dir), dry_run,
+                                 distributed=dask is not None)
     return run, result
 
 
-def resume_run(run: RunDir) -> dict:
+@contextlib.contextmanager
+def _api_for_workers(dask: str | None) -> Iterator[None]:
+    """Dask workers report their task runs to the flow's Prefect API, so it must be one they can reach: a
+    temporary in-process server is not. Without a configured API, the persistent local server is used
+    (and started: `crmbridge server stop` stops it)."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if dask is None or get_current_settings().api.url:
+        yield
+        return
+    from crmbridge.flows.prefect_env import start_server
+
+    server = start_server()
+    log.info("Dask workers report to the persistent local Prefect server %s", server.api_url)
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield
+
+
+def _flow_for(dask: str | None):
+    """The flow, with a Dask task runner when asked for one."""
+    if dask is None:
+        return migrate_flow
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise CrmbridgeError("`--dask` needs prefect-dask: pip install 'crmbridge[dask]'") from None
+    if dask == "local" or dask.startswith("local:"):
+        workers = int(dask.partition(":")[2] or os.cpu_count() or 1)
+        runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
+                                                "processes": True, "dashboard_address": None})
+    else:
+        runner = DaskTaskRunner(address=dask)
+    return migrate_flow.with_options(task_runner=runner)
+
+
+def resume_run(run: RunDir, dask: str | None = None) -> dict:
     """Carry on a failed or killed run from its checkpoints (see crmbridge.checkpoints).
 
     Staged entities are not extracted again and loaded batches are not loaded again. The mapping must be the
@@ -179,6 +288,9 @@ def resume_run(run: RunDir) -> dict:
     manifest = run.manifest()
     if manifest.status == "succeeded":
         raise CrmbridgeError(f"run {run.run_id} succeeded; there is nothing to resume")
+    if manifest.staging_opened and not run.staging_path.exists():  # killed before opening it is fine
+        raise CrmbridgeError(f"run {run.run_id} has no staging store ({run.staging_path} was deleted); it "
+                             "cannot be resumed: start a new run (loads are idempotent upserts)")
     mapping = load_mapping(manifest.mapping_path)
     if mapping.sha256 != manifest.mapping_sha256:
         raise CrmbridgeError(
@@ -187,8 +299,9 @@ def resume_run(run: RunDir) -> dict:
     manifest.status, manifest.error, manifest.finished_at = "running", None, None
     manifest.resumed = [*manifest.resumed, _now()]
     run.write_manifest(manifest)
-    with _run_log(run):
-        return migrate_flow(str(mapping.path), run.run_id, str(mapping.state_dir), manifest.dry_run, resuming=True)
+    with _run_log(run), _api_for_workers(dask):
+        return _flow_for(dask)(str(mapping.path), run.run_id, str(mapping.state_dir), manifest.dry_run,
+                               resuming=True, distributed=dask is not None)
 
 
 @contextlib.contextmanager

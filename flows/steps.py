@@ -18,14 +18,18 @@ import pyarrow as pa
 
 from crmbridge import failpoints
 from crmbridge.audit import AuditTrail
+from crmbridge.audit import records as audit_records
 from crmbridge.checkpoints import Checkpoints
 from crmbridge.connectors import connector_for
 from crmbridge.connectors.base import Connector, Source, SourceBatch, Target
 from crmbridge.errors import SchemaDriftError
 from crmbridge.flows.progress import NoProgress, Progress
 from crmbridge.flows.reconcile import EntityReconciliation, reconcile_entity
-from crmbridge.mappings.cleanse import cleanse
+from crmbridge.mappings import rules
+from crmbridge.mappings.cleanse import cleanse, shown_as
 from crmbridge.mappings.model import Entity, Mapping
+from crmbridge.protection import load as protection_load
+from crmbridge.protection.policy import protector_for
 from crmbridge.runs import RunDir
 from crmbridge.staging import QuarantineRecord, Staging
 from crmbridge.values import RowBatch, bulk_work, canonical, same_value
@@ -42,6 +46,7 @@ class RunContext:
     dry_run: bool = False
     progress: Progress = field(default_factory=NoProgress)
     checkpoints: Checkpoints | None = None  # journals load batches, so a crashed run can resume
+    distributed: bool = False  # batches are prepared on the task runner's workers (e.g. a Dask cluster)
     _targets: dict[str, Target] = field(default_factory=dict)
 
     def connector(self, name: str, role: str) -> Connector:
@@ -55,6 +60,10 @@ class RunContext:
         if name not in self._targets:
             self._targets[name] = self.connector(name, "target").open_target()
         return self._targets[name]
+
+    def usage(self) -> dict[str, dict[str, Any]]:
+        """API usage of the targets that count it (Salesforce: calls, retries, the org's quota), by target."""
+        return {name: t.usage() for name, t in self._targets.items() if callable(getattr(t, "usage", None))}
 
     def close(self) -> None:
         for target in self._targets.values():
@@ -106,38 +115,59 @@ def check_source_schema(mapping: Mapping, entity: Entity, source: Source, where:
 # --- cleanse, validate, protect, stage -------------------------------------------------------------------
 
 
-def protect(entity: Entity, frame: pd.DataFrame) -> pd.DataFrame:
-    """Field protection (encryption, blind indexes) happens here, before anything is staged on disk.
-
-    Pass-through until protection policies are part of the mapping language.
-    """
-    del entity
-    return frame
+def protect(entity: Entity, frame: pd.DataFrame, mapping: Mapping | None = None) -> pd.DataFrame:
+    """Field protection (encryption, blind indexes, hashes, drops) happens here, before anything is staged on
+    disk (`crmbridge.protection.policy`)."""
+    protector = protector_for(mapping) if mapping is not None and mapping.protection is not None else None
+    return frame if protector is None else protector.protect_frame(entity, frame)
 
 
 def process_batch(ctx: RunContext, entity: Entity, batch_no: int, first_seq: int, batch: SourceBatch) -> int:
     """Cleanse, validate, protect and stage one extracted batch; returns the number of rows staged."""
+    return stage_prepared(ctx, entity, batch_no, first_seq, prepare_batch(ctx.mapping, entity, batch))
+
+
+@dataclass
+class PreparedBatch:
+    """A batch cleansed, validated and protected: what staging receives (nothing here is plaintext that the
+    mapping protects, so it may cross a process or network boundary)."""
+
+    frame: pd.DataFrame
+    quarantined: list[QuarantineRecord]
+    source_rows: int
+    warnings: dict[tuple[str, str], int]
+
+
+def prepare_batch(mapping: Mapping, entity: Entity, batch: SourceBatch) -> PreparedBatch:
+    """The pure part of a batch's processing: no staging, no run state, so it runs on any worker (a Dask
+    cluster's too) and gives the same result wherever it runs."""
     with bulk_work():
-        return _process_batch(ctx, entity, batch_no, first_seq, batch)
+        cleansed = cleanse(mapping, entity, batch.frame, batch.row_numbers)
+        quarantined = [
+            QuarantineRecord(r.row_number, None, "extract", r.reason,
+                             [{"field": "", "code": r.reason, "detail": r.detail}])
+            for r in batch.rejected
+        ]
+        quarantined += [
+            QuarantineRecord(row, cleansed.keys.get(row), "validate", problems[0].code,
+                             [p.as_dict() for p in problems])
+            for row, problems in cleansed.quarantined.items()
+        ]
+        staged = protect(entity, cleansed.frame, mapping)
+        return PreparedBatch(staged, quarantined, len(batch.frame) + len(batch.rejected), dict(cleansed.warnings))
 
 
-def _process_batch(ctx: RunContext, entity: Entity, batch_no: int, first_seq: int, batch: SourceBatch) -> int:
-    cleansed = cleanse(ctx.mapping, entity, batch.frame, batch.row_numbers)
-    quarantined = [
-        QuarantineRecord(r.row_number, None, "extract", r.reason,
-                         [{"field": "", "code": r.reason, "detail": r.detail}])
-        for r in batch.rejected
-    ]
-    quarantined += [
-        QuarantineRecord(row, cleansed.keys.get(row), "validate", problems[0].code,
-                         [{"field": p.field, "code": p.code, "detail": p.detail} for p in problems])
-        for row, problems in cleansed.quarantined.items()
-    ]
-    staged = protect(entity, cleansed.frame)
-    source_rows = len(batch.frame) + len(batch.rejected)
-    ctx.staging.stage_batch(entity, batch_no, first_seq, staged, source_rows, quarantined)
+def stage_prepared(ctx: RunContext, entity: Entity, batch_no: int, first_seq: int, prepared: PreparedBatch) -> int:
+    """Stage a prepared batch in the run's store, in batch order; returns the number of rows staged."""
+    staged, quarantined, source_rows = prepared.frame, prepared.quarantined, prepared.source_rows
+    with bulk_work():
+        ctx.staging.stage_batch(entity, batch_no, first_seq, staged, source_rows, quarantined)
     ctx.audit.append("batch_staged", entity=entity.name, batch=batch_no, source_rows=source_rows,
                      staged=len(staged), quarantined=len(quarantined))
+    if not ctx.dry_run:
+        audit_records.quarantined(ctx.audit, entity, quarantined)
+    for (fname, code), count in prepared.warnings.items():  # e.g. `truncate`: loaded, but never silently
+        log.warning("entity %s: field %s: %d rows %s", entity.name, fname, count, code)
     ctx.progress.advance(entity.name, "extract", source_rows)
     return len(staged)
 
@@ -148,11 +178,34 @@ def after_staging(ctx: RunContext, entity: Entity) -> None:
     if duplicates:
         log.warning("entity %s: %d rows share a source key with an earlier row (quarantined)",
                     entity.name, duplicates)
+    rules.check_staged(ctx.staging, entity, shown_as)  # `unique` and `exists_in` rules need the whole entity
 
 
 def dedupe(ctx: RunContext, entity: Entity) -> None:
-    """Global matching and survivorship over staging. Pass-through until matching rules exist."""
-    ctx.staging.mark(entity.name, "dedupe", "skipped")
+    """Global matching and survivorship over staging (crmbridge.dedupe), when the entity has `dedupe:`."""
+    if entity.dedupe is None:
+        ctx.staging.mark(entity.name, "dedupe", "skipped")
+        return
+    from crmbridge.dedupe.engine import dedupe_entity, review_path
+
+    existing = None
+    if entity.dedupe.match_target:
+        from crmbridge.dedupe.target import read_target_rows
+
+        existing = read_target_rows(ctx.mapping, entity)
+    stats = dedupe_entity(ctx.staging, entity, review_path(ctx.mapping, entity), ctx.run.path, existing)
+    log.info("entity %s: dedupe compared %s pairs, merged %s rows into %s clusters, %s pairs for review",
+             entity.name, stats.get("pairs_compared"), stats.get("merged_rows"), stats.get("clusters"),
+             stats.get("review_pairs"))
+
+
+def after_load(ctx: RunContext, entity: Entity) -> None:
+    """Absorbed rows enter the ledger as `merged`, with their survivor's target key."""
+    if entity.dedupe is not None:
+        from crmbridge.dedupe.engine import record_merges
+
+        keys, targets = record_merges(ctx.staging, entity)
+        ctx.audit.records("record_merged", entity.name, keys, target_ids=targets)
 
 
 # --- load --------------------------------------------------------------------------------------------------
@@ -262,6 +315,8 @@ def _load_batch(ctx: RunContext, entity: Entity, first_seq: int, last_seq: int) 
     exts: list[str] = table.column("_ext").to_pylist()
     desired = written_values(entity, table, refs)
     existing = target.fetch_existing(entity, exts) if exts else {}
+    if ctx.mapping.protection is not None:  # plaintext only now, at the last moment, if the target takes it
+        protection_load.prepare(ctx.mapping, entity, table, desired, existing)
 
     def row_and_key(i: int) -> tuple[int, str | None]:
         return table.column("_row")[i].as_py(), table.column("_key")[i].as_py()
@@ -288,6 +343,8 @@ def _load_batch(ctx: RunContext, entity: Entity, first_seq: int, last_seq: int) 
             actions[i] = "updated"
             changed_fields[i] = changed
             before_images[i] = before_image(entity, values, changed)
+    if ctx.mapping.protection is not None:
+        protection_load.seal_before_images(ctx.mapping, entity, exts, before_images)
     if ctx.checkpoints is not None and not ctx.dry_run:
         _follow_journal(ctx.checkpoints, entity, first_seq, exts, actions, changed_fields, before_images)
     if new_action == "":
@@ -350,6 +407,10 @@ def _load_batch(ctx: RunContext, entity: Entity, first_seq: int, last_seq: int) 
         ctx.checkpoints.mark_loaded(entity.name, first_seq, last_seq)
     ctx.staging.con.commit()
     failpoints.reach("load.after_ledger")
+    if not ctx.dry_run:  # record-level audit: lineage of every created/updated/quarantined row
+        audit_records.loaded(ctx.audit, ctx.mapping, entity, table, names, desired, ledger_rows, keys, target_keys,
+                             actions, changed_fields)
+        audit_records.quarantined(ctx.audit, entity, quarantined)
     counts = {"created": actions.count("created"), "updated": actions.count("updated"),
               "unchanged": actions.count("unchanged"), "quarantined": len(quarantined)}
     ctx.audit.append("batch_loaded" if not ctx.dry_run else "batch_planned", entity=entity.name,

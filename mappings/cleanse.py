@@ -1,7 +1,9 @@
 """Apply an entity's fields to one batch of source rows: transforms, type casts and validation rules.
 
 Vectorised over pandas columns. A row that fails any rule is not dropped: it is returned as a quarantine
-record naming every field that failed and why (reason codes, never the values).
+record naming every field that failed, why (reason code and message) and the original source value, masked
+by the field's `mask` (it goes only to the run's staging store and the consultant's export, never to logs
+or the audit trail). Transforms that warn (e.g. `truncate`) are counted per field and code.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from crmbridge.errors import CrmbridgeError
-from crmbridge.mappings import transforms
+from crmbridge.mappings import rules, transforms
 from crmbridge.mappings.model import Entity, FieldSpec, Mapping
+from crmbridge.masking import mask_value
 from crmbridge.values import key_text
 
 # Fixed namespace: external ids must stay the same across runs, machines and versions.
@@ -34,6 +37,13 @@ class FieldProblem:
     field: str
     code: str
     detail: str
+    value: str | None = None  # the original source value, masked as the field's `mask` says
+
+    def as_dict(self) -> dict[str, str]:
+        found = {"field": self.field, "code": self.code, "detail": self.detail}
+        if self.value is not None:
+            found["value"] = self.value
+        return found
 
 
 @dataclass
@@ -41,6 +51,7 @@ class CleansedBatch:
     frame: pd.DataFrame  # _row, _key, _ext, then one column per field, in the field's target type
     quarantined: dict[int, list[FieldProblem]] = field(default_factory=dict)  # row number -> problems
     keys: dict[int, str | None] = field(default_factory=dict)  # source key of each quarantined row
+    warnings: dict[tuple[str, str], int] = field(default_factory=dict)  # (field, code) -> rows warned
 
 
 def external_id(source: str, entity: str, key: str) -> str:
@@ -97,9 +108,14 @@ def cleanse(mapping: Mapping, entity: Entity, frame: pd.DataFrame, row_numbers: 
     frame = frame.reset_index(drop=True)
     problems: dict[int, list[FieldProblem]] = {}
 
-    def flag(mask: pd.Series, fname: str, code: str, detail: str) -> None:
+    warnings: dict[tuple[str, str], int] = {}
+
+    def flag(mask: pd.Series, fname: str, code: str, detail: str, spec: FieldSpec | None = None) -> None:
+        original = frame[spec.source_column] if spec is not None and spec.source_column in frame else None
+        policy = shown_as(spec) if spec is not None else "full"
         for position in np.flatnonzero(mask.to_numpy(dtype=bool, na_value=False)):
-            problems.setdefault(int(position), []).append(FieldProblem(fname, code, detail))
+            value = None if original is None else mask_value(original.iloc[position], policy)
+            problems.setdefault(int(position), []).append(FieldProblem(fname, code, detail, value))
 
     keys = source_keys(frame, entity.key)
     flag(keys.isna(), ",".join(entity.key), "missing_key", "the source key is empty")
@@ -107,30 +123,48 @@ def cleanse(mapping: Mapping, entity: Entity, frame: pd.DataFrame, row_numbers: 
     out: dict[str, Any] = {"_row": row_numbers.astype(np.int64), "_key": keys.astype(object)}
     for spec in entity.fields.values():
         values = _field_values(spec, frame)
+        refused = np.zeros(len(frame), dtype=bool)  # rows a transform rejected: no further checks pile up
         for step in spec.transforms:
             try:
-                values = transforms.apply(values, step.name, step.argument)
+                result = transforms.apply_checked(values, step.name, step.argument,
+                                                  {c: frame[c] for c in step.columns if c in frame})
             except Exception as error:  # a transform bug must name where it sits, never the data
                 raise CrmbridgeError(f"entity `{entity.name}`: transform failed at {step.path} "
                                      f"({type(error).__name__})") from None
+            values = result.values
+            for rejection in result.rejections:
+                hit = rejection.invalid.to_numpy(dtype=bool, na_value=False) & ~refused
+                if not hit.any():
+                    continue
+                if rejection.severity == "warn":
+                    where = (spec.name, rejection.code)
+                    warnings[where] = warnings.get(where, 0) + int(hit.sum())
+                    continue
+                flag(pd.Series(hit), spec.name, rejection.code, rejection.detail, spec)
+                refused |= hit
+                values = values.astype(object).where(~hit, None)
         values = _blank_to_missing(values)
         if spec.ref:
             values = values.map(key_text, na_action=None).astype(object)
         else:
             values, invalid = cast(values, spec.type, mapping.timezone_for(entity, spec.source_column or ""))
-            flag(invalid, spec.name, "invalid_type", f"expected {_describe_type(spec.type)}")
+            flag(invalid, spec.name, "invalid_type", f"expected {_describe_type(spec.type)}", spec)
         if spec.required:
-            flag(values.isna(), spec.name, "required_missing", "a value is required")
+            flag(values.isna() & ~refused, spec.name, "required_missing", "a value is required", spec)
         if spec.pattern and spec.type == "string":
             text = values.astype(object)
             matches = text.map(lambda v, p=re.compile(spec.pattern): bool(p.fullmatch(v)) if isinstance(v, str)
                                else True)
-            flag(~matches.astype(bool), spec.name, "pattern_mismatch", f"expected to match {spec.pattern}")
+            flag(~matches.astype(bool), spec.name, "pattern_mismatch", f"expected to match {spec.pattern}", spec)
         if spec.max_length and spec.type == "string":
             lengths = values.astype(object).map(lambda v: len(v) if isinstance(v, str) else 0)
-            flag(lengths > spec.max_length, spec.name, "too_long", f"expected at most {spec.max_length} characters")
+            flag(lengths > spec.max_length, spec.name, "too_long", f"expected at most {spec.max_length} characters",
+                 spec)
         out[spec.name] = values
 
+    rules.apply_batch_rules(entity, {n: out[n] for n in entity.fields}, len(frame),
+                            lambda hit, spec, code, detail: flag(pd.Series(hit), spec.name, code, detail, spec),
+                            warnings)
     result = pd.DataFrame(out)
     bad = sorted(problems)
     quarantined = {int(row_numbers[p]): problems[p] for p in bad}
@@ -138,7 +172,15 @@ def cleanse(mapping: Mapping, entity: Entity, frame: pd.DataFrame, row_numbers: 
     if bad:
         result = result.drop(index=bad).reset_index(drop=True)
     result.insert(2, "_ext", external_ids(entity.source, entity.name, result["_key"].tolist()))
-    return CleansedBatch(result, quarantined, bad_keys)
+    return CleansedBatch(result, quarantined, bad_keys, warnings)
+
+
+def shown_as(spec: FieldSpec) -> str:
+    """How a quarantined value of this field is kept: its `mask`, and fully hidden when the field is protected
+    (encrypted, hashed, dropped) without a mask of its own."""
+    if spec.mask != "none":
+        return spec.mask
+    return "full" if getattr(spec, "protect", "none") != "none" else "none"
 
 
 def _field_values(spec: FieldSpec, frame: pd.DataFrame) -> pd.Series:

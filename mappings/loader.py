@@ -21,7 +21,8 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
 from crmbridge.errors import MappingError, Problem
-from crmbridge.mappings import transforms
+from crmbridge.mappings import rules, transforms
+from crmbridge.mappings.dedupe_spec import check_dedupe, dedupe_spec
 from crmbridge.mappings.envvars import (
     MissingVariable,
     Redactor,
@@ -32,15 +33,18 @@ from crmbridge.mappings.envvars import (
 )
 from crmbridge.mappings.model import (
     DEFAULT_BATCH_SIZE,
+    AuditSettings,
     ColumnSpec,
     Connection,
     Entity,
     FieldSpec,
     Mapping,
+    SyncSpec,
     TransformStep,
 )
 from crmbridge.mappings.yamlpos import LocatedDocument, format_path, load_located
 from crmbridge.mappings.yamlpos import Path as DocPath
+from crmbridge.protection import mapping_rules as protection_rules
 from crmbridge.schemas import load_schema
 
 
@@ -118,7 +122,11 @@ def load_mapping(path: str | Path, env: dict[str, str] | None = None) -> Mapping
         _check_schema(data, problems, suffix=" (after `${...}` interpolation)")
         if problems:
             raise problems.error(secrets)
-    _check_meaning(data, problems)
+    folder = transforms.mapping_dir.set(path.resolve().parent)  # lookup files are relative to the mapping
+    try:
+        _check_meaning(data, problems)
+    finally:
+        transforms.mapping_dir.reset(folder)
     if problems:
         raise problems.error(secrets)
     return _build(path, raw, data, secrets)
@@ -361,14 +369,20 @@ _FILE_KINDS = {"csv", "excel", "jsonl", "parquet"}
 
 # Options of the built-in connector kinds (besides `type`); plug-in connectors check their own.
 CONNECTION_OPTIONS: dict[str, tuple[str, ...]] = {
-    "sql": ("url", "schema", "timezone"),
+    "sql": ("url", "schema", "timezone", "receives"),
     "csv": ("path", "encoding", "delimiter", "quotechar", "header", "skip_rows", "null_values", "timezone"),
     "excel": ("path", "sheet", "skip_rows", "null_values", "timezone"),
     "jsonl": ("path", "encoding", "timezone"),
     "parquet": ("path", "timezone"),
+    "soap": ("wsdl", "service", "port", "list_operation", "changes_operation", "get_operation", "upsert_operation",
+             "delete_operation", "paging", "page_size", "username", "password", "timeout", "retries", "timezone"),
+    "salesforce": ("instance_url", "session_id", "username", "password", "security_token", "domain", "consumer_key",
+                   "consumer_secret", "private_key_file", "api_version", "ca_bundle", "bulk_threshold", "api_budget",
+                   "retries", "extract", "include_deleted", "timezone"),
 }
 REQUIRED_OPTIONS: dict[str, tuple[str, ...]] = {
     "sql": ("url",), "csv": ("path",), "excel": ("path",), "jsonl": ("path",), "parquet": ("path",),
+    "soap": ("wsdl",),
 }
 
 
@@ -400,6 +414,7 @@ def _check_meaning(data: dict[str, Any], problems: _Problems) -> None:
     for i, entity in enumerate(data["entities"]):
         _check_entity(data, i, entity, names, zones, default_tz, problems)
     _check_cycles(data["entities"], names, problems)
+    protection_rules.check(data, problems.add)
 
 
 def _unknown_zone(zone: str) -> str:
@@ -483,10 +498,52 @@ def _check_entity(data, i, entity, names, zones, default_tz, problems: _Problems
                          f"naive timestamp column `{column}` has no time zone; expected `timezone` on the "
                          "column, on the source, or in settings")
 
+    if "sync" in entity:
+        _check_sync(entity, at, declared, problems)
     ext = entity.get("external_id", "external_id")
     for fname, spec in entity["fields"].items():
         _check_field(entity, (*at, "fields", fname), fname, spec, declared, ext, names, data,
                      source_tz or default_tz, problems)
+    if entity.get("dedupe"):
+        check_dedupe(entity, (*at, "dedupe"), problems.add)
+
+
+def _check_sync(entity: dict[str, Any], at: DocPath, declared: dict[str, Any] | None, problems: _Problems) -> None:
+    """`sync:` settings must name real columns and fields of the right type for the chosen policies."""
+    sync, fields = entity["sync"], entity["fields"]
+    sat = (*at, "sync")
+    for key in ("watermark", "deleted_flag"):
+        column = sync.get(key)
+        if column and declared is not None and column not in declared:
+            problems.add((*sat, key), f"unknown source column `{column}`{_suggest(column, list(declared))}; "
+                         f"expected one of the declared `columns`: {', '.join(declared)}")
+
+    def field_of_type(key: str, kind: str, needed_by: str) -> None:
+        name = sync.get(key)
+        if name is None:
+            problems.add(sat, f"missing `{key}`: {needed_by} needs a {kind} field to use")
+        elif name not in fields:
+            problems.add((*sat, key), f"unknown field `{name}`{_suggest(name, list(fields))}; expected one of "
+                         f"the entity's fields: {', '.join(fields)}")
+        elif fields[name].get("type", "string") != kind:
+            problems.add((*sat, key), f"field `{name}` is {fields[name].get('type', 'string')}; expected a {kind} "
+                         "field")
+
+    deletes = sync.get("deletes", "ignore")
+    if deletes != "ignore" and not sync.get("deleted_flag"):
+        problems.add(sat, f"`deletes: {deletes}` needs `deleted_flag`: the source column that marks a deleted "
+                     "record")
+    if deletes == "deactivate":
+        field_of_type("active_field", "boolean", "`deletes: deactivate`")
+    conflicts = sync.get("conflicts", "source_wins")
+    if conflicts == "newest_wins":
+        field_of_type("modified_field", "timestamp", "`conflicts: newest_wins`")
+    if conflicts == "fields" and not sync.get("target_fields"):
+        problems.add(sat, "`conflicts: fields` needs `target_fields`: the fields the target keeps")
+    for j, name in enumerate(sync.get("target_fields", [])):
+        if name not in fields:
+            problems.add((*sat, "target_fields", j), f"unknown field `{name}`{_suggest(name, list(fields))}; "
+                         f"expected one of the entity's fields: {', '.join(fields)}")
 
 
 def _check_field(entity, fat, fname, spec, declared, ext, names, data, zone, problems: _Problems) -> None:
@@ -535,8 +592,17 @@ def _check_field(entity, fat, fname, spec, declared, ext, names, data, zone, pro
                              f"`type: string` here, or a `target_key` on `{ref}` such as an integer `id`")
         if column is None:
             problems.add(fat, "a `ref` field needs `from`: the source column holding the parent's key")
+    rules.check_rules(entity, fat, spec, names, data, problems.add)
     for j, step in enumerate(spec.get("transform", [])):
         _check_transform(step, (*fat, "transform", j), problems)
+        if declared is not None and isinstance(step, (str, dict)) and step:
+            name, argument = (step, None) if isinstance(step, str) else next(iter(step.items()))
+            if name in transforms.registry():  # `columns_read` gives nothing for a malformed argument
+                for other in transforms.columns_read(name, argument):
+                    if other not in declared:
+                        problems.add((*fat, "transform", j), f"transform `{name}` reads unknown source column "
+                                     f"`{other}`{_suggest(other, list(declared))}; expected one of the declared "
+                                     f"`columns`: {', '.join(declared)}")
 
 
 def _has_offset(value: Any) -> bool:
@@ -569,7 +635,7 @@ def _check_transform(step: Any, path: DocPath, problems: _Problems) -> None:
         problems.add(path, f"unknown transform `{name}`{_suggest(name, list(known))}; expected one of: "
                      f"{', '.join(sorted(known))}")
         return
-    if found.takes_argument and isinstance(step, str):
+    if found.takes_argument and isinstance(step, str) and not found.optional_argument:
         problems.add(path, f"transform `{name}` needs an argument; expected `{{{name}: ...}}`")
     elif not found.takes_argument and not isinstance(step, str):
         problems.add(path, f"transform `{name}` takes no argument; expected a plain `{name}`")
@@ -613,6 +679,25 @@ def _connection(name: str, raw: dict[str, Any]) -> Connection:
     return Connection(name, raw["type"], options, raw.get("timezone"))
 
 
+def _sync_spec(raw: dict[str, Any] | None) -> SyncSpec | None:
+    if raw is None:
+        return None
+    return SyncSpec(
+        watermark=raw["watermark"], overlap_seconds=float(raw.get("overlap", 300)),
+        deleted_flag=raw.get("deleted_flag"), deletes=raw.get("deletes", "ignore"),
+        active_field=raw.get("active_field"), conflicts=raw.get("conflicts", "source_wins"),
+        modified_field=raw.get("modified_field"), target_fields=tuple(raw.get("target_fields", ())),
+    )
+
+
+def _step(raw: Any, where: str, folder: Path) -> TransformStep:
+    """A transform step, with the source columns it reads and lookup files made absolute."""
+    name, argument = (raw, None) if isinstance(raw, str) else next(iter(raw.items()))
+    if isinstance(argument, dict) and isinstance(argument.get("file"), str):
+        argument = {**argument, "file": str(folder / argument["file"])}
+    return TransformStep(name, argument, where, tuple(transforms.columns_read(name, argument)))
+
+
 def _build(path: Path, raw: bytes, data: dict[str, Any], secrets: set[str]) -> Mapping:
     settings = data.get("settings", {})
     entities = []
@@ -620,17 +705,18 @@ def _build(path: Path, raw: bytes, data: dict[str, Any], secrets: set[str]) -> M
         fields = {}
         for fname, f in e["fields"].items():
             steps = tuple(
-                TransformStep(s, None, f"entities[{i}].fields.{fname}.transform[{j}]")
-                if isinstance(s, str)
-                else TransformStep(*next(iter(s.items())), f"entities[{i}].fields.{fname}.transform[{j}]")
+                _step(s, f"entities[{i}].fields.{fname}.transform[{j}]", path.resolve().parent)
                 for j, s in enumerate(f.get("transform", []))
             )
             fields[fname] = FieldSpec(
                 name=fname, source_column=f.get("from"), constant=f.get("value"),
                 type=f.get("type", "string"), transforms=steps, required=f.get("required", False),
                 pattern=f.get("pattern"), max_length=f.get("max_length"), ref=f.get("ref"),
-                mask=f.get("mask", "none"),
+                rules=rules.build_rules(f.get("rules"), f"entities[{i}].fields.{fname}"),
+                **protection_rules.field_extras(f),  # protect, and the mask (never none when protected)
+                personal_data=f.get("personal_data"),
             )
+        fields = protection_rules.add_index_fields(fields)
         columns = {
             c: ColumnSpec(c, s) if isinstance(s, str) else ColumnSpec(c, s["type"], s.get("timezone"))
             for c, s in (e.get("columns") or {}).items()
@@ -642,6 +728,8 @@ def _build(path: Path, raw: bytes, data: dict[str, Any], secrets: set[str]) -> M
             target=e["target"], target_table=e["target_table"], external_id_column=ext,
             target_key_column=e.get("target_key", ext), mode=e.get("mode", "upsert"),
             create_table=e.get("create_table", False), fields=fields,
+            sync=_sync_spec(e.get("sync")), subject=e.get("subject"),
+            dedupe=dedupe_spec(e.get("dedupe")),
         ))
     state_dir = Path(settings.get("state_dir", ".crmbridge"))
     return Mapping(
@@ -651,4 +739,17 @@ def _build(path: Path, raw: bytes, data: dict[str, Any], secrets: set[str]) -> M
         entities=entities, batch_size=settings.get("batch_size", DEFAULT_BATCH_SIZE),
         state_dir=state_dir if state_dir.is_absolute() else path.resolve().parent / state_dir,
         timezone=settings.get("timezone"), secrets=secrets,
+        protection=protection_rules.settings(data, path.resolve().parent),
+        audit=_audit_settings(settings.get("audit") or {}, path.resolve().parent),
+    )
+
+
+def _audit_settings(raw: dict[str, Any], base: Path) -> AuditSettings:
+    key = raw.get("signing_key")
+    return AuditSettings(
+        url=raw.get("url"), record_events=raw.get("record_events", True),
+        retention_days=raw.get("retention_days", AuditSettings.retention_days), operator=raw.get("operator"),
+        purpose=raw.get("purpose"), lawful_basis=raw.get("lawful_basis"),
+        data_subjects=tuple(raw.get("data_subjects", ())), recipients=tuple(raw.get("recipients", ())),
+        transfers=tuple(raw.get("transfers", ())), signing_key=None if key is None else base / key,
     )

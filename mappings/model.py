@@ -15,6 +15,19 @@ class TransformStep:
     name: str
     argument: Any = None
     path: str = ""  # where it sits in the mapping, for error messages
+    columns: tuple[str, ...] = ()  # other source columns the step reads (coalesce, template, region_from)
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """One validation rule of a field (`rules:`); `crmbridge.mappings.rules` applies it."""
+
+    kind: str  # required regex enum range length unique exists_in
+    argument: Any
+    severity: str = "reject"  # reject: quarantine the row; warn: load it and count it
+    when: tuple[str, str, Any] | None = None  # (field, "present" | "equals" | "in", value)
+    message: str | None = None
+    path: str = ""
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,9 @@ class FieldSpec:
     max_length: int | None = None
     ref: str | None = None
     mask: str = "none"
+    rules: tuple[RuleSpec, ...] = ()
+    protect: str = "none"  # none encrypt deterministic blind_index hash drop; `index`: a generated `<field>_bidx`
+    personal_data: str | None = None  # data category, for the audit trail and the record of processing
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,55 @@ class Connection:
 
 
 @dataclass(frozen=True)
+class CompareSpec:
+    """How one field is compared when matching duplicates (`dedupe.compare`)."""
+    field: str
+    method: str  # exact, jaro_winkler, levenshtein, token_set, pinyin, numeric, date
+    weight: float = 1.0
+    scale: float | None = None  # numeric/date: the distance at which the similarity reaches 0
+    min: float | None = None  # below this similarity the pair cannot merge by score
+
+
+@dataclass(frozen=True)
+class DedupeSpec:
+    """An entity's `dedupe:` block: blocking, comparisons, thresholds, review and survivorship."""
+    blocking: tuple[tuple[str, ...], ...]
+    compare: tuple[CompareSpec, ...]
+    rules: tuple[tuple[str, ...], ...] = ()
+    model: str = "weighted"  # or fellegi_sunter
+    match_above: float = 0.9
+    review_above: float = 0.75
+    distinct_below: float | None = None  # anti-chaining guard; default review_above
+    review_file: str | None = None
+    survive: dict[str, str] = field(default_factory=dict)  # field -> strategy; `*` is the default
+    recency_field: str | None = None
+    priority_field: str | None = None
+    priority_order: tuple[str, ...] = ()
+    match_target: bool = False
+
+    @property
+    def keep_apart_below(self) -> float:
+        return self.review_above if self.distinct_below is None else self.distinct_below
+
+
+@dataclass(frozen=True)
+class SyncSpec:
+    """An entity's `sync:` block: how `crmbridge sync` reads changes incrementally and applies them."""
+    watermark: str  # source column with each record's last-change timestamp
+    overlap_seconds: float = 300.0  # re-read this far before the stored watermark (ties, clock skew, late commits)
+    deleted_flag: str | None = None  # source column that is true for a deleted record (a tombstone)
+    deletes: str = "ignore"  # delete | deactivate | ignore
+    active_field: str | None = None  # boolean field set false by `deletes: deactivate`
+    conflicts: str = "source_wins"  # source_wins | newest_wins | fields
+    modified_field: str | None = None  # timestamp field compared by `newest_wins`
+    target_fields: tuple[str, ...] = ()  # fields the target owns once a record exists (`conflicts: fields`)
+
+
+def _rule_entity(rule: RuleSpec) -> str:
+    return rule.argument if isinstance(rule.argument, str) else rule.argument["entity"]
+
+
+@dataclass(frozen=True)
 class Entity:
     name: str
     index: int
@@ -62,10 +127,16 @@ class Entity:
     mode: str
     create_table: bool
     fields: dict[str, FieldSpec]
+    dedupe: DedupeSpec | None = None
+    sync: SyncSpec | None = None
+    subject: str | None = None  # field identifying the row's data subject (per-subject keys, erasure)
 
     @property
     def parents(self) -> list[str]:
-        return sorted({f.ref for f in self.fields.values() if f.ref})
+        refs = {f.ref for f in self.fields.values() if f.ref}
+        # `exists_in` rules look the value up in another entity's staged rows: that entity stages first.
+        looked_up = {_rule_entity(r) for f in self.fields.values() for r in f.rules if r.kind == "exists_in"}
+        return sorted((refs | looked_up) - {self.name})
 
     @property
     def source_columns(self) -> list[str]:
@@ -74,7 +145,34 @@ class Entity:
         for spec in self.fields.values():
             if spec.source_column:
                 seen.setdefault(spec.source_column)
+            for step in spec.transforms:
+                for column in step.columns:
+                    seen.setdefault(column)
         return list(seen)
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """`settings.audit`: the audit store and what the record of processing states (see audit/)."""
+    url: str | None = None  # default: SQLite `<state_dir>/audit.db`
+    record_events: bool = True
+    retention_days: int = 1095  # floor: three years (PIPL Art. 56)
+    operator: str | None = None
+    purpose: str | None = None
+    lawful_basis: str | None = None
+    data_subjects: tuple[str, ...] = ()
+    recipients: tuple[str, ...] = ()
+    transfers: tuple[str, ...] = ()
+    signing_key: Path | None = None
+
+
+@dataclass(frozen=True)
+class ProtectionSettings:
+    """The mapping's `protection:` block (paths already resolved against the mapping file)."""
+    keyring: Path
+    master_key_env: str = "CRMBRIDGE_MASTER_KEY"
+    subjects: Path | None = None
+    index_bytes: int = 16
 
 
 @dataclass
@@ -89,6 +187,8 @@ class Mapping:
     state_dir: Path = field(default_factory=lambda: Path(".crmbridge"))
     timezone: str | None = None
     secrets: set[str] = field(default_factory=set, repr=False)
+    protection: ProtectionSettings | None = None
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
     @property
     def base_dir(self) -> Path:

@@ -16,6 +16,8 @@ import pytest
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="crmbridge-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# Parallel test runs on 2 cores can take longer than the default 20 s to start the temporary API server.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ["CRMBRIDGE_HOME"] = tempfile.mkdtemp(prefix="crmbridge-home-")  # never a user's running server
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -102,3 +104,19 @@ def demo_project(tmp_path: Path) -> Path:
     shutil.copy(DEMO_MAPPING, tmp_path / "mapping.yaml")
     _load_generator().generate(tmp_path, customers=120, contacts=400, partners=60)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[str]:
+    """A persistent local Prefect server on a free port (under the session's CRMBRIDGE_HOME), for tests whose
+    runs happen in other processes (crmbridge subprocesses, Dask workers); stopped at the end."""
+    from crmbridge.flows.prefect_env import start_server, stop_server
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = start_server(port)
+    try:
+        yield server.api_url
+    finally:
+        stop_server()

@@ -102,12 +102,12 @@ def test_run_runs_report_and_quarantine_export(demo_project: Path) -> None:
     assert all(e["balanced"] for e in data["reconciliation"]["entities"])
 
     out = demo_project / "quarantine.csv"
-    exported = invoke("quarantine", run_ids[-1], "--project", str(demo_project), "-o", str(out))
+    exported = invoke("quarantine", "export", run_ids[-1], "--project", str(demo_project), "-o", str(out))
     assert exported.exit_code == 0
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
     assert len(rows) == sum(e["quarantined"] for e in data["reconciliation"]["entities"])
-    assert {"entity", "row_no", "source_key", "stage", "reason", "problems"} <= set(rows[0])
-    assert not any("@" in r["problems"] for r in rows)
+    assert {"_entity", "_row", "_key", "_stage", "_rule", "_field", "_message", "_value", "_problems"} <= set(rows[0])
+    assert not any("@" in r["_problems"] for r in rows)
 
     missing = runner.invoke(app, ["report", "nope", "--project", str(demo_project)])
     assert missing.exit_code == 1 and "no run `nope`" in missing.output
@@ -124,10 +124,10 @@ def test_quarantine_export_masks_keys_like_their_fields(tmp_path: Path) -> None:
         "customer_no,name,email,phone,since\n1,,ada@example.com,555,2001-01-01\n")
     assert invoke("run", str(mapping)).exit_code == 0
     run_id = next((project / ".crmbridge" / "runs").iterdir()).name
-    exported = invoke("quarantine", run_id, "--project", str(project))
+    exported = invoke("quarantine", "export", run_id, "--project", str(project))
     assert "ada@example.com" not in exported.stdout
     assert "a•••@example.com" in exported.stdout
     # Without a readable mapping every key is fully masked.
     mapping.unlink()
-    exported = invoke("quarantine", run_id, "--project", str(project))
+    exported = invoke("quarantine", "export", run_id, "--project", str(project))
     assert "example.com" not in exported.stdout and "•••" in exported.stdout

@@ -299,17 +299,19 @@ def test_unknown_keys_list_the_allowed_ones(tmp_path: Path) -> None:
     assert len(problems) == 3
     top = at(problems, "setings")
     assert "did you mean `settings`?" in top.message
-    assert "expected one of: description, entities, name, settings, sources, targets, version" in top.message
+    assert ("expected one of: description, entities, name, protection, settings, sources, targets, version"
+            in top.message)
     entity = at(problems, "entities[0].colour")
     assert_at(entity, text, "colour: blue")
-    assert (
-        "expected one of: columns, create_table, external_id, fields, key, mode, name, query"
-        in entity.message
-    )
+    entity_keys = sorted(load_schema("mapping")["$defs"]["entity"]["properties"])  # grows with the language
+    assert {"columns", "create_table", "external_id", "fields", "key", "mode", "name", "query"} <= set(entity_keys)
+    assert f"expected one of: {', '.join(entity_keys)}" in entity.message
     field = at(problems, "entities[0].fields.name.transfrom")
     assert_at(field, text, "transfrom")
     assert "unknown key `transfrom` (did you mean `transform`?)" in field.message
-    assert "from, mask, max_length, pattern, ref, required, transform, type, value" in field.message
+    field_keys = sorted(load_schema("mapping")["$defs"]["field"]["properties"])
+    assert {"from", "mask", "max_length", "pattern", "ref", "required", "transform", "type", "value"} <= set(field_keys)
+    assert f"expected one of: {', '.join(field_keys)}" in field.message
 
 
 def test_wrong_types(tmp_path: Path) -> None:
@@ -476,7 +478,8 @@ def test_unknown_connector_type(tmp_path: Path) -> None:
     text = mapping(ACCOUNTS, head=HEAD.replace("type: csv", "type: xml"))
     (problem,) = fail(tmp_path, text)
     assert problem.path == "sources.export.type"
-    assert problem.message == "unknown connector `xml`; expected one of: csv, excel, jsonl, parquet, sql"
+    assert problem.message == ("unknown connector `xml`; expected one of: csv, excel, jsonl, parquet, salesforce, "
+                               "soap, sql")
     assert_at(problem, text, "type: xml")
 
 
@@ -514,7 +517,7 @@ def test_a_file_cannot_be_a_target(tmp_path: Path) -> None:
     head = HEAD.replace("targets:\n", "targets:\n  dump:\n    type: csv\n    path: out.csv\n")
     (problem,) = fail(tmp_path, mapping(ACCOUNTS, head=head))
     assert problem.path == "targets.dump.type"
-    assert problem.message == "a csv connection cannot be written; expected a target of type: sql"
+    assert problem.message == "a csv connection cannot be written; expected a target of type: salesforce, soap, sql"
 
 
 def test_connection_options_table_matches_the_schema_and_the_connectors() -> None:

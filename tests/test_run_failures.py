@@ -54,7 +54,8 @@ def test_unreachable_database_names_the_source_and_hides_the_password(demo_proje
     assert "S3cretPassw0rd" not in result.output
     manifest = _last_manifest(demo_project)
     assert manifest.status == "failed" and "S3cretPassw0rd" not in manifest.error
-    assert "S3cretPassw0rd" not in (list_runs(demo_project / ".crmbridge")[-1].path / "events.jsonl").read_text()
+    audit = b"".join(p.read_bytes() for p in (demo_project / ".crmbridge").glob("audit.db*"))  # the project's trail
+    assert b"run_finished" in audit and b"S3cretPassw0rd" not in audit
     assert _count(demo_project / "data" / "target_crm.db", "account") == 0
 
 
@@ -111,3 +112,55 @@ def test_rows_the_target_refuses_are_quarantined_and_the_rest_load(demo_project:
         staging.close()
     assert len(refused) > 0
     assert all("IntegrityError" in p for p in refused.problems)
+
+
+def test_a_full_disk_is_reported_and_the_run_resumes_once_there_is_space(demo_project: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from crmbridge.errors import CrmbridgeError
+    from crmbridge.flows.migrate import resume_run
+    from crmbridge.staging import Staging
+
+    real = Staging.stage_batch
+    calls = {"n": 0}
+
+    def fills_up(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the device fills up while the second batch is written
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Staging, "stage_batch", fills_up)
+    with pytest.raises(CrmbridgeError) as failure:
+        start_run(demo_project / "mapping.yaml")
+    run = list_runs(demo_project / ".crmbridge")[-1]
+    assert "no space left on the device holding" in str(failure.value)
+    assert f"crmbridge resume {run.run_id}" in str(failure.value)
+    assert run.manifest().status == "failed" and "no space left" in run.manifest().error
+
+    monkeypatch.setattr(Staging, "stage_batch", real)
+    result = resume_run(run)
+    assert all(e["balanced"] for e in result["entities"])
+    assert run.manifest().status == "succeeded" and len(run.manifest().resumed) == 1
+
+
+def test_a_staging_store_deleted_during_the_run_is_reported(demo_project: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from crmbridge.errors import CrmbridgeError
+    from crmbridge.flows import steps
+    from crmbridge.flows.migrate import resume_run
+
+    real = steps.after_staging
+
+    def deletes_staging(ctx, entity):
+        real(ctx, entity)
+        ctx.run.staging_path.unlink(missing_ok=True)
+
+    monkeypatch.setattr(steps, "after_staging", deletes_staging)
+    with pytest.raises(CrmbridgeError, match="was deleted while the run was going"):
+        start_run(demo_project / "mapping.yaml")
+    run = list_runs(demo_project / ".crmbridge")[-1]
+    assert run.manifest().status == "failed"
+    with pytest.raises(CrmbridgeError, match="has no staging store"):
+        resume_run(run)
