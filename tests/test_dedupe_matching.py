@@ -153,13 +153,17 @@ def test_survivorship_strategies() -> None:
     assert row["updated"] == pd.Timestamp("2020-01-01")  # first non-null
 
 
+def _plain(keys) -> list:
+    return [None if pd.isna(v) else v for v in keys]
+
+
 def test_blocking_keys() -> None:
     frame = pd.DataFrame({"name": ["Smith", "Smyth", None, ""], "phone": ["+44 20 7946 0001", "020-7946-0001",
                                                                         "12", None],
                           "born": pd.to_datetime(["1980-04-03", None, "1990-01-01", None])})
-    assert keys.compute(frame, "soundex(name)").tolist() == ["S530", "S530", None, None]
-    assert keys.compute(frame, "last7(phone)").tolist() == ["9460001", "9460001", None, None]
-    assert keys.compute(frame, "year(born)").tolist() == ["1980", None, "1990", None]
+    assert _plain(keys.compute(frame, "soundex(name)")) == ["S530", "S530", None, None]
+    assert _plain(keys.compute(frame, "last7(phone)")) == ["9460001", "9460001", None, None]
+    assert _plain(keys.compute(frame, "year(born)")) == ["1980", None, "1990", None]
     with pytest.raises(ValueError, match="unknown key function `soundx`"):
         keys.parse("soundx(name)")
 

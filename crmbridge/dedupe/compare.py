@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from rapidfuzz import fuzz, process
 from rapidfuzz.distance import JaroWinkler, Levenshtein
 
@@ -71,8 +73,10 @@ def prepare(column: pd.Series, spec: CompareSpec) -> Prepared:
     if pd.api.types.is_datetime64_any_dtype(column):
         column = column.dt.strftime("%Y-%m-%d")
     # Vectorised: NFKC (full-width letters and digits become ASCII), trimmed, lower case; "" = missing.
-    text = column.astype("string").str.normalize("NFKC").str.strip().str.lower()
-    texts = text.to_numpy(dtype=object, na_value="")
+    # Arrow's kernels rather than pandas' per-value `str.normalize` (a Python call per row).
+    arrow = pa.Array.from_pandas(column.astype("string")).cast(pa.string())
+    text = pc.utf8_lower(pc.utf8_trim_whitespace(pc.utf8_normalize(arrow, form="NFKC")))
+    texts = text.fill_null("").to_numpy(zero_copy_only=False)
     if spec.method == "pinyin":
         cache = {t: _pinyin(t) for t in set(texts.tolist()) if t}
         spaced = np.array([cache[t] if t else "" for t in texts], dtype=object)

@@ -70,7 +70,7 @@ class Matcher:
             key = keys.rule_key(frame, tuple(rule))
             present = key.notna().to_numpy()
             table = pa.table({"pos": pa.array(np.flatnonzero(present), pa.int64()),
-                              "k": pa.array(key[present].tolist(), pa.string())})
+                              "k": pa.Array.from_pandas(key[present]).cast(pa.string())})
             con.register("block_keys", table)
             skipped += con.execute("""
                 SELECT coalesce(sum(n), 0) FROM (SELECT count(*) AS n FROM block_keys GROUP BY k)
