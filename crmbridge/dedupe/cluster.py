@@ -25,6 +25,16 @@ class UnionFind:
             parent[x], x = root, parent[x]
         return int(root)
 
+    def labels(self) -> np.ndarray:
+        """The root of every element, by pointer jumping over the whole array (a few NumPy passes instead of
+        one `find` call per row)."""
+        parent = self.parent.copy()
+        while True:
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                return parent
+            parent = grand
+
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
@@ -36,7 +46,7 @@ def components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     uf = UnionFind(n)
     for a, b in zip(i.tolist(), j.tolist(), strict=True):
         uf.union(a, b)
-    return np.array([uf.find(x) for x in range(n)]) if n else np.zeros(0, dtype=np.int64)
+    return uf.labels() if n else np.zeros(0, dtype=np.int64)
 
 
 def guarded_clusters(n: int, i: np.ndarray, j: np.ndarray, score: np.ndarray, keep_apart_below: float,
@@ -91,7 +101,7 @@ def guarded_clusters(n: int, i: np.ndarray, j: np.ndarray, score: np.ndarray, ke
         root = uf.find(a)
         members[root] = left + right
         members.pop(ra if ra != root else rb, None)
-    return np.array([uf.find(x) for x in range(n)]) if n else np.zeros(0, dtype=np.int64)
+    return uf.labels() if n else np.zeros(0, dtype=np.int64)
 
 
 def _compatible(left: list[int], right: list[int], known, floor: float) -> bool:
