@@ -222,6 +222,18 @@ def test_a_killed_run_resumes_to_the_same_result(name: str, failpoint: str | Non
     assert len(list_runs(project / ".crmbridge")) == 1  # resumed in place, not a new run
     assert counts == reference["counts"]
     assert target == reference["target"]
+    _assert_audit_verifies(project)
+
+
+def _assert_audit_verifies(project: Path) -> None:
+    """The audit chain a killed process left behind (and the resume appended to) still verifies."""
+    from typer.testing import CliRunner
+
+    from crmbridge.cli.main import app
+
+    verified = CliRunner().invoke(app, ["audit", "verify", str(project / "mapping.yaml")])
+    assert verified.exit_code == 0, verified.output
+    assert "verified:" in verified.output
 
 
 def test_a_run_killed_twice_still_resumes_and_resume_refuses_what_it_cannot_do(
@@ -252,6 +264,7 @@ def test_a_run_killed_twice_still_resumes_and_resume_refuses_what_it_cannot_do(
     assert counts == reference["counts"]
     assert target == reference["target"]
     assert len(list_runs(project / ".crmbridge")[-1].manifest().resumed) == 2
+    _assert_audit_verifies(project)
     again = CliRunner().invoke(app, ["resume", run_id])
     assert again.exit_code == 1 and "nothing to resume" in again.output
 
