@@ -15,6 +15,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from crmbridge.cli.common import MappingArg
+from crmbridge.cli.common import fail as _fail
 from crmbridge.cli.render import console, errors
 from crmbridge.errors import CrmbridgeError, MappingError
 from crmbridge.mappings import load_mapping
@@ -22,13 +24,9 @@ from crmbridge.mappings import load_mapping
 audit_app = typer.Typer(help="The compliance audit trail: verify, search, report, export, retention.",
                         no_args_is_help=True)
 
-MappingArg = Annotated[Path, typer.Argument(help="The mapping file (YAML).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    errors.print(f"[red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
-    return typer.Exit(code)
 
 
 def _mapping(path: Path):

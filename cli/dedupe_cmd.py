@@ -10,7 +10,9 @@ import duckdb
 import typer
 from rich.table import Table
 
-from crmbridge.cli.render import console, errors
+from crmbridge.cli.common import ProjectOpt, StateOpt
+from crmbridge.cli.common import fail as _fail
+from crmbridge.cli.render import console
 from crmbridge.errors import CrmbridgeError
 from crmbridge.mappings import load_mapping
 from crmbridge.masking import key_mask, mask_value
@@ -18,14 +20,9 @@ from crmbridge.runs import find_run
 
 dedupe_app = typer.Typer(help="Explain and report a run's deduplication.", no_args_is_help=True)
 
-ProjectOpt = Annotated[Path, typer.Option("--project", "-p", help="Project directory (holds .crmbridge/).")]
-StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="State directory, if not <project>/.crmbridge.")]
 EntityOpt = Annotated[str | None, typer.Option(help="Entity (needed when several are deduplicated).")]
 
 
-def _fail(message: str) -> typer.Exit:
-    errors.print(f"[red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
-    return typer.Exit(1)
 
 
 def _open(run_id: str, project: Path, state_dir: Path | None):

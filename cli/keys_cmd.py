@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from crmbridge.cli.common import fail as _fail
 from crmbridge.cli.render import console, errors
 from crmbridge.errors import CrmbridgeError, MappingError
 from crmbridge.mappings import load_mapping
@@ -27,9 +28,6 @@ MappingArg = Annotated[Path, typer.Argument(help="The mapping file (YAML) with a
                                             show_default=False)]
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    errors.print(f"[red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
-    return typer.Exit(code)
 
 
 def _mapping(path: Path):

@@ -13,35 +13,26 @@ import typer
 from rich.table import Table
 
 from crmbridge import __version__
+from crmbridge.cli.common import MappingArg, ProjectOpt, StateOpt
+from crmbridge.cli.common import fail as _fail
+from crmbridge.cli.common import load as _load
+from crmbridge.cli.common import state_dir as _state_dir
 from crmbridge.cli.render import RichProgress, console, errors, reconciliation_table
-from crmbridge.errors import CrmbridgeError, MappingError
-from crmbridge.mappings import load_mapping
+from crmbridge.errors import CrmbridgeError
 from crmbridge.runs import find_run, list_runs
 from crmbridge.schemas import schema_text
 
 app = typer.Typer(help="Move customer data between legacy systems, ERPs and CRMs with YAML mappings.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
-MappingArg = Annotated[Path, typer.Argument(help="The mapping file (YAML).", show_default=False)]
-ProjectOpt = Annotated[Path, typer.Option("--project", "-p", help="Project directory (holds .crmbridge/).")]
 DaskOpt = Annotated[str | None, typer.Option(
     "--dask", metavar="local[:N]|ADDRESS",
     help="Prepare batches (cleanse, validate, protect) on a Dask cluster: `local` starts one worker process per "
          "CPU (`local:N`: N), an address such as tcp://10.0.0.5:8786 uses a running cluster.")]
-StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="State directory, if not <project>/.crmbridge.")]
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    errors.print(f"[red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
-    return typer.Exit(code)
 
 
-def _load(path: Path):
-    try:
-        return load_mapping(path)
-    except MappingError as error:
-        errors.print(f"[red]{error}[/]", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -196,8 +187,6 @@ def _with_progress(start, dry_run: bool) -> None:
                   f"details: {run_dir.path}")
 
 
-def _state_dir(project: Path, state_dir: Path | None) -> Path:
-    return state_dir or project / ".crmbridge"
 
 
 @app.command()

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from crmbridge.cli.common import ProjectOpt, StateOpt
+from crmbridge.cli.common import fail as _fail
 from crmbridge.cli.render import console, errors, reconciliation_table
 from crmbridge.errors import CrmbridgeError, MappingError
 from crmbridge.runs import RunDir, find_run
@@ -16,13 +18,8 @@ quarantine_app = typer.Typer(help="Export a run's quarantined rows for fixing, a
                              no_args_is_help=True)
 
 RunArg = Annotated[str, typer.Argument(help="Run id (a unique prefix is enough).", show_default=False)]
-ProjectOpt = Annotated[Path, typer.Option("--project", "-p", help="Project directory (holds .crmbridge/).")]
-StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="State directory, if not <project>/.crmbridge.")]
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    errors.print(f"[red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
-    return typer.Exit(code)
 
 
 def _run(run_id: str, project: Path, state_dir: Path | None) -> RunDir:

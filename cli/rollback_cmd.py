@@ -10,12 +10,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from crmbridge.cli.common import ProjectOpt, StateOpt
 from crmbridge.cli.render import console, errors
 from crmbridge.errors import CrmbridgeError
 from crmbridge.runs import find_run
-
-ProjectOpt = Annotated[Path, typer.Option("--project", "-p", help="Project directory (holds .crmbridge/).")]
-StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="State directory, if not <project>/.crmbridge.")]
 
 _COLUMNS = {"deleted": "delete", "restored": "restore", "recreated": "re-create", "already_undone": "already undone",
             "skipped": "skipped", "refused": "refused"}

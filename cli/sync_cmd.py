@@ -9,9 +9,10 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from crmbridge.cli.render import console, errors
-from crmbridge.errors import CrmbridgeError, MappingError
-from crmbridge.mappings import load_mapping
+from crmbridge.cli.common import fail as _fail
+from crmbridge.cli.common import load as _load
+from crmbridge.cli.render import console
+from crmbridge.errors import CrmbridgeError
 
 SYNC_FLOW = "crmbridge-sync"
 WebhookOpt = Annotated[str | None, typer.Option(
@@ -19,17 +20,8 @@ WebhookOpt = Annotated[str | None, typer.Option(
     help="URL that receives a JSON POST when a cycle fails (or set CRMBRIDGE_SYNC_WEBHOOK).")]
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    errors.print(f"[red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
-    return typer.Exit(code)
 
 
-def _load(path: Path):
-    try:
-        return load_mapping(path)
-    except MappingError as error:
-        errors.print(f"[red]{error}[/]", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
 
 
 def sync(
