@@ -35,7 +35,7 @@ from crmbridge.staging import Staging
 
 log = logging.getLogger("crmbridge.run")
 
-IN_FLIGHT = 4  # batches being prepared on workers at once, beyond the one being staged
+IN_FLIGHT = 4  # batches prepared (or written) on workers at once, beyond the one being staged (or recorded)
 
 # The CLI installs its progress bars here; a flow started by a Prefect worker reports nothing extra.
 progress_reporter: Progress = NoProgress()
@@ -61,6 +61,13 @@ def dedupe_task(ctx: steps.RunContext, entity) -> None:
 @task(name="load-batch", cache_policy=NONE, task_run_name="load-{entity.name}-{first_seq}")
 def load_batch_task(ctx: steps.RunContext, entity, first_seq: int, last_seq: int) -> dict[str, int]:
     return steps.load_batch(ctx, entity, first_seq, last_seq)
+
+
+@task(name="write-batch", cache_policy=NONE, task_run_name="write-{entity.name}-{first_seq}")
+def write_batch_task(mapping, entity, first_seq: int, job: steps.WriteJob) -> steps.WriteResult:
+    """Upsert one planned batch where the task runner puts it (a Dask worker), on the worker's own target
+    connection; the flow journals the plan before and records the ledger after."""
+    return steps.write_batch(mapping, steps.worker_target(mapping, entity), entity, job)
 
 
 def _now() -> str:
@@ -218,12 +225,46 @@ def _load_entity(ctx: steps.RunContext, entity, manifest: Manifest) -> None:
     loaded = ctx.checkpoints.loaded(entity.name) if ctx.checkpoints is not None else set()
     ranges = [(first, last) for first, last in steps.load_ranges(ctx, entity) if first not in loaded]
     ctx.progress.stage(entity.name, "load", sum(b - a + 1 for a, b in ranges))
-    for first, last in ranges:
-        load_batch_task(ctx, entity, first, last)
+    if ctx.distributed and not ctx.dry_run:
+        _load_on_workers(ctx, entity, ranges)
+    else:
+        for first, last in ranges:
+            load_batch_task(ctx, entity, first, last)
     steps.after_load(ctx, entity)
     ctx.progress.done(entity.name, "load")
     state["load"] = "done" if not ctx.dry_run else "planned"
     ctx.run.write_manifest(manifest)
+
+
+def _load_on_workers(ctx: steps.RunContext, entity, ranges: list[tuple[int, int]]) -> None:
+    """Batches are planned here (compared with the target, journalled), written by the task runner's
+    workers, a bounded number at a time, and recorded here in batch order: the ledger is the one a single
+    process writes. A batch in flight when the run dies is journalled, so resume settles it like any other.
+    Rows of different batches have different external ids, so a batch's plan never depends on a write that
+    is still in flight. A target that numbers its rows itself gets one write at a time, in batch order, so
+    it numbers them as a single process would."""
+    in_flight: deque[tuple[steps.LoadPlan, PrefectFuture | None]] = deque()
+    in_order = entity.target_key_column != entity.external_id_column
+
+    def record_oldest() -> None:
+        plan, future = in_flight.popleft()
+        written = (future.result(raise_on_failure=True) if future is not None
+                   else steps.nothing_written(entity))
+        with steps.bulk_work():
+            steps.record_load(ctx, entity, plan, written)
+
+    for first, last in ranges:
+        with steps.bulk_work():
+            plan = steps.plan_load(ctx, entity, first, last)  # while earlier batches are being written
+        while in_order and in_flight:
+            record_oldest()
+        future = (write_batch_task.submit(ctx.mapping, entity, first, plan.job) if plan.job is not None
+                  else None)
+        in_flight.append((plan, future))
+        if len(in_flight) > IN_FLIGHT:
+            record_oldest()
+    while in_flight:
+        record_oldest()
 
 
 def start_run(mapping_path: str | Path, dry_run: bool = False, run_id: str | None = None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -279,13 +280,59 @@ def load_batch(ctx: RunContext, entity: Entity, first_seq: int, last_seq: int) -
     """Resolve references, compare with the target, upsert what changed and write the ledger.
 
     Column-wise throughout: the staged rows arrive as Arrow columns, values are converted per column, and
-    per-row Python work is limited to comparing with rows the target already has.
+    per-row Python work is limited to comparing with rows the target already has. Three parts, so the
+    write can run elsewhere (`flows.migrate` sends it to a Dask worker): `plan_load` and `record_load` need
+    the run's staging store, `write_batch` only the target.
     """
     with bulk_work():
-        return _load_batch(ctx, entity, first_seq, last_seq)
+        plan = plan_load(ctx, entity, first_seq, last_seq)
+        written = (write_batch(ctx.mapping, ctx.target(entity.target), entity, plan.job)
+                   if plan.job is not None else nothing_written(entity))
+        return record_load(ctx, entity, plan, written)
 
 
-def _load_batch(ctx: RunContext, entity: Entity, first_seq: int, last_seq: int) -> dict[str, int]:
+def nothing_written(entity: Entity) -> WriteResult:
+    """The result of a batch with nothing to write (all unchanged, or a dry run): no row refused, no new keys."""
+    return WriteResult({}, None if entity.target_key_column == entity.external_id_column else {})
+
+
+@dataclass
+class WriteJob:
+    """What one batch's write needs, and nothing more: it may cross a process or network boundary, so a
+    protected field the target receives in plaintext travels sealed and is decrypted by the writer."""
+
+    columns: dict[str, list[Any]]  # target column -> values, the external id column first
+    created: list[str]  # external ids of the rows the target does not hold yet
+    want_keys: bool  # the target assigns its own keys: look up those of the created rows after the write
+    decrypt: list[str] = field(default_factory=list)  # fields to decrypt for the target, by the writer
+
+
+@dataclass
+class WriteResult:
+    failed: dict[str, str]  # external id -> why the target refused the row (class and constraint, no values)
+    new_keys: dict[str, Any] | None  # external id -> target key of created rows (None: the external id is)
+
+
+@dataclass
+class LoadPlan:
+    """One batch compared with the target: an action per row, journalled before anything is written."""
+
+    first_seq: int
+    last_seq: int
+    table: pa.Table  # the staged rows that reached the comparison (unresolved references filtered out)
+    names: list[str]
+    desired: list[list[Any]]  # per field, what the target receives
+    exts: list[str]
+    actions: list[str]  # per row: "" (quarantined), created, updated, unchanged
+    changed_fields: list[list[str] | None]
+    before_images: list[str | None]
+    currents: list[Any]
+    present: list[int]
+    quarantined: list[QuarantineRecord]
+    job: WriteJob | None  # None: nothing to write (all unchanged, or a dry run)
+
+
+def plan_load(ctx: RunContext, entity: Entity, first_seq: int, last_seq: int) -> LoadPlan:
     table = ctx.staging.rows_for_load_arrow(entity, first_seq, last_seq)
     target = ctx.target(entity.target)
     quarantined: list[QuarantineRecord] = []
@@ -314,12 +361,10 @@ def _load_batch(ctx: RunContext, entity: Entity, first_seq: int, last_seq: int) 
     kinds = [entity.fields[n].type for n in names]
     exts: list[str] = table.column("_ext").to_pylist()
     desired = written_values(entity, table, refs)
+    sealed = list(desired)  # the staged values: what a writer elsewhere receives for fields it decrypts
     existing = target.fetch_existing(entity, exts) if exts else {}
     if ctx.mapping.protection is not None:  # plaintext only now, at the last moment, if the target takes it
         protection_load.prepare(ctx.mapping, entity, table, desired, existing)
-
-    def row_and_key(i: int) -> tuple[int, str | None]:
-        return table.column("_row")[i].as_py(), table.column("_key")[i].as_py()
 
     # One action per row: "" (quarantined: not in the target in `update` mode), created, updated, unchanged.
     currents = [existing.get(ext) for ext in exts] if existing else [None] * len(exts)
@@ -350,39 +395,89 @@ def _load_batch(ctx: RunContext, entity: Entity, first_seq: int, last_seq: int) 
     if new_action == "":
         for i in (i for i, action in enumerate(actions) if not action):
             quarantined.append(QuarantineRecord(
-                *row_and_key(i), "load", "not_in_target",
+                *_row_and_key(table, i), "load", "not_in_target",
                 [{"field": entity.external_id_column, "code": "not_in_target",
                   "detail": "mode is `update` and the target has no row with this external id"}]))
 
-    failed: dict[str, str] = {}
-    if new_action and not present:
-        writing = range(len(exts))  # all new
-    else:
-        writing = [i for i, action in enumerate(actions) if action in ("created", "updated")]
+    job = None
+    writing: Sequence[int] = (range(len(exts)) if new_action and not present  # all new
+                              else [i for i, action in enumerate(actions) if action in ("created", "updated")])
     if writing and not ctx.dry_run:
-        columns = [exts, *desired]
+        decrypt = sealed_for_writer(ctx, entity) if ctx.distributed else []
+        values = [sealed[j] if name in decrypt else desired[j] for j, name in enumerate(names)]
+        columns = [exts, *values]
         if len(writing) != len(exts):
             columns = [[column[i] for i in writing] for column in columns]
-        to_write = RowBatch(dict(zip([entity.external_id_column, *names], columns, strict=True)))
-        failpoints.reach("load.before_write")
-        for failure in target.write(entity, to_write):
-            failed[failure.external_id] = failure.detail
-        failpoints.reach("load.after_write")
-    if entity.target_key_column == entity.external_id_column:
-        new_keys = None  # a created row's target key is its external id
-    elif ctx.dry_run:
-        new_keys = {}
-    else:
-        created = [ext for ext, action in zip(exts, actions, strict=True)
-                   if action == "created" and ext not in failed]
-        new_keys = target.target_keys(entity, created) if created else {}
+        created = [ext for ext, action in zip(exts, actions, strict=True) if action == "created"]
+        job = WriteJob(dict(zip([entity.external_id_column, *names], columns, strict=True)), created,
+                       entity.target_key_column != entity.external_id_column, decrypt)
+    return LoadPlan(first_seq, last_seq, table, names, desired, exts, actions, changed_fields, before_images,
+                    currents, present, quarantined, job)
 
+
+def sealed_for_writer(ctx: RunContext, entity: Entity) -> list[str]:
+    """Protected fields the target receives in plaintext: a writer in another process gets them sealed."""
+    if ctx.mapping.protection is None:
+        return []
+    from crmbridge.protection.mapping_rules import receives_plaintext
+    from crmbridge.protection.policy import ENCRYPTED
+
+    if not receives_plaintext(ctx.mapping, entity.target):
+        return []
+    return [name for name, spec in entity.fields.items() if spec.protect in ENCRYPTED]
+
+
+def write_batch(mapping: Mapping, target: Target, entity: Entity, job: WriteJob) -> WriteResult:
+    """Upsert one planned batch and look up the keys the target gave its new rows. Needs only the target, so
+    it runs in the flow or on a worker with a target connection of its own (`worker_target`)."""
+    columns = job.columns
+    if job.decrypt:  # decrypted here, at the last moment, in the process that talks to the target
+        protector, exts = protector_for(mapping), columns[entity.external_id_column]
+        columns = {name: (protector.decrypt_values(entity.name, name, values, exts) if name in job.decrypt
+                          else values) for name, values in columns.items()}
+    failed: dict[str, str] = {}
+    failpoints.reach("load.before_write")
+    for failure in target.write(entity, RowBatch(columns)):
+        failed[failure.external_id] = failure.detail
+    failpoints.reach("load.after_write")
+    if not job.want_keys:
+        return WriteResult(failed, None)  # a created row's target key is its external id
+    created = [ext for ext in job.created if ext not in failed]
+    return WriteResult(failed, target.target_keys(entity, created) if created else {})
+
+
+_WORKER_TARGETS: dict[tuple[str, str], Target] = {}
+
+
+def worker_target(mapping: Mapping, entity: Entity) -> Target:
+    """A worker process's own connection to an entity's target, opened once per process and entity (the flow
+    has checked or created the table before any write is sent out)."""
+    key = (mapping.sha256, entity.name)
+    if key not in _WORKER_TARGETS:
+        target = connector_for(mapping.targets[entity.target], mapping).open_target()
+        target.prepare(entity, False)
+        _WORKER_TARGETS[key] = target
+    return _WORKER_TARGETS[key]
+
+
+def _row_and_key(table: pa.Table, i: int) -> tuple[int, str | None]:
+    return table.column("_row")[i].as_py(), table.column("_key")[i].as_py()
+
+
+def record_load(ctx: RunContext, entity: Entity, plan: LoadPlan, written: WriteResult) -> dict[str, int]:
+    """The ledger, quarantine, checkpoint and audit events of a written (or planned) batch, in one staging
+    transaction."""
+    table, names, desired, quarantined = plan.table, plan.names, plan.desired, plan.quarantined
+    exts, actions, changed_fields, before_images, currents = (plan.exts, plan.actions, plan.changed_fields,
+                                                             plan.before_images, plan.currents)
+    failed, new_keys = written.failed, written.new_keys
+    new_action = "" if entity.mode == "update" else "created"
     ledger_rows = range(len(exts)) if new_action else [i for i, action in enumerate(actions) if action]
     if failed:
         for i in ledger_rows:
             if exts[i] in failed:
                 quarantined.append(QuarantineRecord(
-                    *row_and_key(i), "load", "target_rejected",
+                    *_row_and_key(table, i), "load", "target_rejected",
                     [{"field": "", "code": "target_rejected", "detail": failed[exts[i]]}]))
         ledger_rows = [i for i in ledger_rows if exts[i] not in failed]
     row_nos, keys, ext_column = table.column("_row"), table.column("_key"), table.column("_ext")
@@ -391,7 +486,7 @@ def _load_batch(ctx: RunContext, entity: Entity, first_seq: int, last_seq: int) 
         row_nos, keys, ext_column = row_nos.take(taken), keys.take(taken), ext_column.take(taken)
         pick = [exts, actions, changed_fields, before_images, currents]
         exts, actions, changed_fields, before_images, currents = ([column[i] for i in ledger_rows] for column in pick)
-    if new_keys is None and not present:
+    if new_keys is None and not plan.present:
         target_keys: pa.ChunkedArray | list[Any] = ext_column  # all created: the external ids themselves
     else:
         target_keys = [
@@ -404,7 +499,7 @@ def _load_batch(ctx: RunContext, entity: Entity, first_seq: int, last_seq: int) 
                                    before_images, names)
     ctx.staging.add_quarantine(entity, quarantined)
     if ctx.checkpoints is not None and not ctx.dry_run:
-        ctx.checkpoints.mark_loaded(entity.name, first_seq, last_seq)
+        ctx.checkpoints.mark_loaded(entity.name, plan.first_seq, plan.last_seq)
     ctx.staging.con.commit()
     failpoints.reach("load.after_ledger")
     if not ctx.dry_run:  # record-level audit: lineage of every created/updated/quarantined row
@@ -414,8 +509,8 @@ def _load_batch(ctx: RunContext, entity: Entity, first_seq: int, last_seq: int) 
     counts = {"created": actions.count("created"), "updated": actions.count("updated"),
               "unchanged": actions.count("unchanged"), "quarantined": len(quarantined)}
     ctx.audit.append("batch_loaded" if not ctx.dry_run else "batch_planned", entity=entity.name,
-                     first_seq=first_seq, last_seq=last_seq, fields=names, **counts)
-    ctx.progress.advance(entity.name, "load", last_seq - first_seq + 1)
+                     first_seq=plan.first_seq, last_seq=plan.last_seq, fields=names, **counts)
+    ctx.progress.advance(entity.name, "load", plan.last_seq - plan.first_seq + 1)
     return counts
 
 

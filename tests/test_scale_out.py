@@ -38,8 +38,76 @@ def test_a_dask_run_equals_the_single_process_run(tmp_path: Path, prefect_server
         mapping.write_text(text.replace("batch_size: 500\n", "batch_size: 150\n", 1), encoding="utf-8")
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}):  # one the workers can reach
         _, expected = start_run(single / "mapping.yaml")
-        _, got = start_run(distributed / "mapping.yaml", dask="local:2")
+        run, got = start_run(distributed / "mapping.yaml", dask="local:2")
+        tasks = _task_runs(run.manifest().flow_run_id)
     assert got["entities"] == expected["entities"]
     assert all(e["balanced"] for e in got["entities"])
-    assert _target(distributed) == _target(single)
+    assert _target(distributed) == _target(single)  # target-numbered keys too: those writes go in order
     assert len(_target(single)["contact"]) > 1000
+    # Preparing and writing ran as Dask tasks (one per batch); loading in the flow process never did.
+    loaded = sum(e["created"] + e["updated"] for e in got["entities"])
+    assert len(tasks["prepare"]) >= sum(e["source"] for e in got["entities"]) // 150
+    assert len(tasks["write"]) >= loaded // 150
+    assert not tasks["load"] and not tasks["stage"]
+    assert {state for names in tasks.values() for state in names.values()} == {"COMPLETED"}
+
+
+def _task_runs(flow_run_id: str) -> dict[str, dict[str, str]]:
+    """The flow run's task runs by kind (the task run name's first word): name -> state."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
+    kinds: dict[str, dict[str, str]] = {"prepare": {}, "write": {}, "load": {}, "stage": {}}
+    for task_run in runs:
+        kinds.setdefault(task_run.name.split("-")[0], {})[task_run.name] = task_run.state.type.value
+    return kinds
+
+
+def test_protected_fields_travel_to_the_writers_sealed(tmp_path: Path, prefect_server: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plaintext target gets the same rows from Dask writers as from a single process, yet the write jobs
+    that cross to the workers hold envelopes: each worker decrypts at the last moment."""
+    import base64
+    import os
+
+    from test_protection_demo import protect_demo
+
+    from crmbridge.flows import steps
+    from crmbridge.protection.keyring import Keyring, MasterKeySealer
+
+    key = base64.b64encode(os.urandom(32)).decode()
+    monkeypatch.setenv("DEMO_MASTER_KEY", key)  # the workers inherit it: they decrypt
+    single, distributed = _project(tmp_path / "single"), _project(tmp_path / "dask")
+    for project in (single, distributed):
+        protect_demo(project, "plaintext")
+        Keyring.create(project / "keys" / "keyring.json", MasterKeySealer.from_text(key))
+    distributed_keys = (distributed / "keys" / "keyring.json")
+    distributed_keys.write_bytes((single / "keys" / "keyring.json").read_bytes())  # same keys, same tokens
+
+    jobs: list[steps.WriteJob] = []
+    plan_load = steps.plan_load
+
+    def capture(*args, **kwargs):
+        plan = plan_load(*args, **kwargs)
+        if plan.job is not None:
+            jobs.append(plan.job)
+        return plan
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+        start_run(single / "mapping.yaml")
+        monkeypatch.setattr(steps, "plan_load", capture)
+        _, got = start_run(distributed / "mapping.yaml", dask="local:2")
+    assert all(e["balanced"] for e in got["entities"])
+    assert _target(distributed) == _target(single)
+
+    contact_jobs = [job for job in jobs if "first_name" in job.columns]
+    assert contact_jobs and all(job.decrypt == ["first_name", "last_name", "email", "phone"] for job in contact_jobs)
+    received = {row[1]: row for row in _target(single)["contact"]}  # by external id
+    sealed = [(ext, value) for job in contact_jobs
+              for ext, value in zip(job.columns["external_id"], job.columns["first_name"], strict=True) if value]
+    assert len(sealed) > 1000
+    assert not any(value in received[ext] for ext, value in sealed)  # never the value the target holds
