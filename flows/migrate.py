@@ -88,6 +88,8 @@ def migrate_flow(mapping_path: str, run_id: str, state_dir: str, dry_run: bool =
     manifest.staging_opened = True  # from now on the run's progress lives in the staging store
     run.write_manifest(manifest)
     audit = open_trail(mapping, run_id, manifest.operator)  # the project's store (settings.audit)
+    if not dry_run:  # a dry run records no record-level events
+        audit.start_writer()  # it boots while the sources are read
     ctx = steps.RunContext(mapping, run, staging, audit, dry_run, progress_reporter, Checkpoints(staging),
                            distributed=distributed)
     redact = Redactor(mapping.secrets)

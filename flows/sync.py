@@ -146,6 +146,7 @@ def run_cycle(mapping: Mapping, run: RunDir, manifest: Manifest) -> dict[str, An
                              "<column>}}` on each entity to sync")
     staging = Staging(run.staging_path)
     audit = open_trail(mapping, run.run_id, manifest.operator)  # the project's audit store (settings.audit)
+    audit.start_writer()  # it boots while the sources are read
     ctx = steps.RunContext(mapping, run, staging, audit)
     store = Watermarks(mapping.state_dir)
     logger = _logger()
