@@ -275,6 +275,22 @@ def _sql_type(kind: str, max_length: int | None) -> sa.types.TypeEngine:
     }[kind]
 
 
+def _sqlite_date(process: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def bind(value: Any) -> Any:  # `isoformat` is the text SQLAlchemy's default SQLite DATE format gives
+        return value.isoformat() if type(value) is dt.date else process(value)
+    return bind
+
+
+def _bound(process: Callable[[Any], Any], kind: Any, dialect: str, values: list[Any]) -> list[Any]:
+    """A column's values through SQLAlchemy's bind processor. SQLite DATE values take a shortcut with the same
+    result: its processor formats each date through a dict (a fifth of a 1M-row write's conversion time)."""
+    if dialect == "sqlite" and isinstance(kind, sa.Date):
+        probe = dt.date(1, 2, 3)
+        if process(probe) == probe.isoformat():  # the default storage format
+            process = _sqlite_date(process)
+    return list(map(process, values))
+
+
 class SqlTarget:
     def __init__(self, connector: SqlConnector):
         self.connector = connector
@@ -508,7 +524,8 @@ class SqlTarget:
                     columns = [held[key] if held is not None else [row[key] for row in rows] for key in keys]
                     for i, name in enumerate(names):
                         if processors.get(name) is not None:
-                            columns[i] = list(map(processors[name], columns[i]))
+                            columns[i] = _bound(processors[name], compiled.binds[name].type, self.dialect,
+                                                columns[i])
                 except Exception as error:  # what SQLAlchemy reports as a StatementError
                     raise sa.exc.StatementError("a value could not be bound", None, None, error) from None
                 params = list(zip(*columns, strict=True))

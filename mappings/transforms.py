@@ -119,6 +119,14 @@ def _text(series: pd.Series) -> pd.Series:
 
 
 _WHITESPACE_RUN = re.compile(r"\s+")
+# The same class in RE2 syntax, for Arrow-backed strings: Python's `\s` (str.isspace) is ASCII whitespace,
+# U+001C-U+001F, U+0085 and the Unicode separators (checked code point by code point in the tests). RE2's own
+# `\s` is ASCII only, and a compiled pattern would send pandas to Python's `re`, one value at a time (3x slower).
+_WHITESPACE_RUN_RE2 = r"[\t\n\x0b\f\r\x1c-\x1f\x85\p{Z}]+"
+
+
+def _arrow_backed(series: pd.Series) -> bool:
+    return getattr(series.dtype, "storage", None) == "pyarrow" or isinstance(series.dtype, pd.ArrowDtype)
 
 
 @transform("trim", "Remove leading and trailing whitespace.")
@@ -128,7 +136,9 @@ def _trim(series: pd.Series, _: Any) -> pd.Series:
 
 @transform("collapse_whitespace", "Trim, and turn every run of whitespace inside into one space.")
 def _collapse(series: pd.Series, _: Any) -> pd.Series:
-    return _text(series).str.replace(_WHITESPACE_RUN, " ", regex=True).str.strip()
+    text = _text(series)
+    pattern = _WHITESPACE_RUN_RE2 if _arrow_backed(text) else _WHITESPACE_RUN
+    return text.str.replace(pattern, " ", regex=True).str.strip()
 
 
 @transform("lower", "Lower-case.")

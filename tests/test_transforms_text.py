@@ -98,3 +98,25 @@ def test_split_picks_a_part() -> None:
 def test_bad_arguments_are_explained(name: str, argument, wanted: str) -> None:
     message = transforms.registry()[name].validate_argument(argument)
     assert message is not None and wanted in message
+
+
+def test_collapse_whitespace_means_python_whitespace_on_arrow_strings_too() -> None:
+    """Arrow-backed columns take an RE2 pattern (fast); it must match exactly what Python's `\\s` matches, for
+    every code point, so a column collapses the same whatever its storage."""
+    import re
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    chars = [chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF]
+    by_python = [re.fullmatch(r"\s", ch) is not None for ch in chars]
+    by_re2 = pc.match_substring_regex(pa.array(chars), f"^{transforms._WHITESPACE_RUN_RE2}$").to_pylist()
+    assert by_re2 == by_python
+    assert sum(by_python) == 29  # ASCII, U+001C-U+001F, U+0085 and the Unicode separators
+
+    raw = ["  a \u3000 b\t\nc ", "x\xa0\xa0y", "\u2028only\u2029", None, "plain"]
+    arrow = transforms.apply(pd.Series(raw, dtype="string[pyarrow]"), "collapse_whitespace", None)
+    plain = transforms.apply(pd.Series(raw, dtype=object), "collapse_whitespace", None)
+    assert arrow.tolist()[:3] == plain.tolist()[:3] == ["a b c", "x y", "only"]
+    assert arrow.tolist()[4] == plain.tolist()[4] == "plain" and pd.isna(arrow.tolist()[3])
