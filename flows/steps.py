@@ -494,6 +494,14 @@ def record_load(ctx: RunContext, entity: Entity, plan: LoadPlan, written: WriteR
             for ext, action, current in zip(exts, actions, currents, strict=True)
         ]
 
+    # Record-level audit (lineage of every created/updated/quarantined row) is handed to the writer process
+    # before the ledger marks the batch loaded: a run killed in between loads the batch again on resume and
+    # sends its events again, so every loaded row has its event at least once (the writer outlives the run's
+    # process and drains what it was sent).
+    if not ctx.dry_run:
+        audit_records.loaded(ctx.audit, ctx.mapping, entity, table, names, desired, ledger_rows, keys, target_keys,
+                             actions, changed_fields)
+        audit_records.quarantined(ctx.audit, entity, quarantined)
     ctx.staging.con.begin()
     ctx.staging.add_ledger_columns(entity, row_nos, keys, ext_column, target_keys, actions, changed_fields,
                                    before_images, names)
@@ -502,10 +510,6 @@ def record_load(ctx: RunContext, entity: Entity, plan: LoadPlan, written: WriteR
         ctx.checkpoints.mark_loaded(entity.name, plan.first_seq, plan.last_seq)
     ctx.staging.con.commit()
     failpoints.reach("load.after_ledger")
-    if not ctx.dry_run:  # record-level audit: lineage of every created/updated/quarantined row
-        audit_records.loaded(ctx.audit, ctx.mapping, entity, table, names, desired, ledger_rows, keys, target_keys,
-                             actions, changed_fields)
-        audit_records.quarantined(ctx.audit, entity, quarantined)
     counts = {"created": actions.count("created"), "updated": actions.count("updated"),
               "unchanged": actions.count("unchanged"), "quarantined": len(quarantined)}
     ctx.audit.append("batch_loaded" if not ctx.dry_run else "batch_planned", entity=entity.name,

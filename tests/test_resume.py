@@ -234,6 +234,15 @@ def _assert_audit_verifies(project: Path) -> None:
     verified = CliRunner().invoke(app, ["audit", "verify", str(project / "mapping.yaml")])
     assert verified.exit_code == 0, verified.output
     assert "verified:" in verified.output
+    # Lineage is complete: every row the run created or updated has its record-level event (at least once:
+    # a batch loaded again on resume sends its events again).
+    run = list_runs(project / ".crmbridge")[-1]
+    counts = _counts(project)
+    with sqlite3.connect(project / ".crmbridge" / "audit.db") as con:
+        recorded = dict(con.execute(
+            "SELECT entity, count(DISTINCT source_ref) FROM audit_events WHERE run_id = ? "
+            "AND action IN ('record_created', 'record_updated') GROUP BY entity", (run.run_id,)).fetchall())
+    assert recorded == {e: c["created"] + c["updated"] for e, c in counts.items() if c["created"] + c["updated"]}
 
 
 def test_a_run_killed_twice_still_resumes_and_resume_refuses_what_it_cannot_do(
