@@ -11,8 +11,9 @@ Tasks:
 
 Each engine runs in a fresh subprocess of its own, so wall time and peak memory (max RSS) belong to it.
 Pairwise precision, recall and F1 of the final clusters are computed here against the true clusters.
-Splink pins pandas < 3, so it lives in its own virtualenv (`python -m venv .venv-splink &&
-.venv-splink/bin/pip install splink`); without one its rows say why. Nothing is asserted: see the ratios.
+Splink lives in its own virtualenv, so its dependency pins never meet the project's (`python -m venv
+.venv-splink && .venv-splink/bin/pip install splink pandas`; pandas reads the task's Parquet file); without
+one its rows say why. Nothing is asserted: see the ratios.
 """
 
 from __future__ import annotations
@@ -199,7 +200,10 @@ def run_crmbridge(task: str, data: Path, out: Path) -> dict:
     result = Matcher(crmbridge_spec(task)).run(frame[[c for c in frame.columns if c != "cluster"]])
     seconds = time.perf_counter() - started
     pd.DataFrame({"unique_id": frame["unique_id"], "predicted": result.labels}).to_parquet(out)
-    return {"seconds": seconds, "pairs_compared": result.stats["pairs_compared"], "peak_mb": _peak_mb()}
+    stats = result.stats
+    phases = {"blocking": stats["seconds_blocking"], "scoring": stats["seconds_scoring"],
+              "clustering": round(stats["seconds_total"] - stats["seconds_blocking"] - stats["seconds_scoring"], 3)}
+    return {"seconds": seconds, "pairs_compared": stats["pairs_compared"], "peak_mb": _peak_mb(), "phases": phases}
 
 
 def run_splink(task: str, data: Path, out: Path) -> dict:
@@ -261,7 +265,7 @@ def measure(engine: str, task: str, data: Path, workdir: Path, splink_python: st
     python = sys.executable if engine == "crmbridge" else splink_python
     if python is None:
         return {"error": "no Splink interpreter: python -m venv .venv-splink && .venv-splink/bin/pip install "
-                         "splink (it pins pandas < 3, so not in the project venv), or --splink-python"}
+                         "splink pandas (its own venv, away from the project's pins), or --splink-python"}
     out = workdir / f"{engine}-{task}.parquet"
     done = subprocess.run([python, str(HERE), "--worker", engine, "--task", task, "--data", str(data),
                            "--out", str(out)], capture_output=True, text=True)
@@ -313,6 +317,8 @@ def main() -> None:
                     continue
                 print(f"{label:<22} {engine:<10} {r['precision']:>9.4f} {r['recall']:>7.4f} {r['f1']:>7.4f} "
                       f"{r['seconds']:>8.2f} {r['peak_mb']:>8.0f} {r['pairs_compared']:>11,}")
+                if "phases" in r:  # where crmbridge's time went (blocking includes encoding the columns)
+                    print(f"#   {engine} phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["phases"].items()))
             a, b = results.get("crmbridge", {}), results.get("splink", {})
             if "seconds" in a and "seconds" in b:
                 print(f"{label:<22} ratio      splink/crmbridge time {b['seconds'] / a['seconds']:.2f}x, "

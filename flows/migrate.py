@@ -58,6 +58,26 @@ def dedupe_task(ctx: steps.RunContext, entity) -> None:
     steps.dedupe(ctx, entity)
 
 
+@task(name="dedupe-part", cache_policy=NONE, task_run_name="dedupe-part-{job.rule}-{number}")
+def dedupe_part_task(spec, job, number: int):
+    """Candidate pairs of whole blocks of one blocking rule, and their comparisons (a Dask worker)."""
+    from crmbridge.dedupe.partition import compare_part
+
+    return compare_part(spec, job)
+
+
+def _dedupe_on_workers(spec, jobs: Iterable[Any]) -> list[Any]:
+    """Dedupe's parts as tasks, a bounded number in flight (each holds its rows), results in job order."""
+    in_flight: deque[PrefectFuture] = deque()
+    results = []
+    for number, job in enumerate(jobs):
+        in_flight.append(dedupe_part_task.submit(spec, job, number))
+        if len(in_flight) > IN_FLIGHT:
+            results.append(in_flight.popleft().result(raise_on_failure=True))
+    results += [future.result(raise_on_failure=True) for future in in_flight]
+    return results
+
+
 @task(name="load-batch", cache_policy=NONE, task_run_name="load-{entity.name}-{first_seq}")
 def load_batch_task(ctx: steps.RunContext, entity, first_seq: int, last_seq: int) -> dict[str, int]:
     return steps.load_batch(ctx, entity, first_seq, last_seq)
@@ -91,7 +111,7 @@ def migrate_flow(mapping_path: str, run_id: str, state_dir: str, dry_run: bool =
     if not dry_run:  # a dry run records no record-level events
         audit.start_writer()  # it boots while the sources are read
     ctx = steps.RunContext(mapping, run, staging, audit, dry_run, progress_reporter, Checkpoints(staging),
-                           distributed=distributed)
+                           distributed=distributed, dedupe_jobs=_dedupe_on_workers if distributed else None)
     redact = Redactor(mapping.secrets)
     logger = get_run_logger()
     audit.append("run_resumed" if resuming else "run_started", dry_run=dry_run,
@@ -215,7 +235,13 @@ def _stage_on_workers(ctx: steps.RunContext, entity, batches: Iterable[Any]) -> 
 
 
 def _settle_entity(ctx: steps.RunContext, entity, state: dict[str, Any]) -> None:
-    dedupe_task(ctx, entity)
+    if ctx.distributed:
+        # Called in the flow, not as a task: its dedupe-part tasks go to the workers from here (a task that
+        # submits tasks ships its own parameters along, and this one's include the staging connection).
+        steps.after_staging(ctx, entity)
+        steps.dedupe(ctx, entity)
+    else:
+        dedupe_task(ctx, entity)
     assert ctx.checkpoints is not None
     ctx.checkpoints.mark_done(entity.name, SETTLED)
     state["dedupe"] = "done"

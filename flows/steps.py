@@ -48,6 +48,7 @@ class RunContext:
     progress: Progress = field(default_factory=NoProgress)
     checkpoints: Checkpoints | None = None  # journals load batches, so a crashed run can resume
     distributed: bool = False  # batches are prepared on the task runner's workers (e.g. a Dask cluster)
+    dedupe_jobs: Any = None  # runs dedupe's parts on those workers (crmbridge.dedupe.partition.RunJobs)
     _targets: dict[str, Target] = field(default_factory=dict)
 
     def connector(self, name: str, role: str) -> Connector:
@@ -194,7 +195,8 @@ def dedupe(ctx: RunContext, entity: Entity) -> None:
         from crmbridge.dedupe.target import read_target_rows
 
         existing = read_target_rows(ctx.mapping, entity)
-    stats = dedupe_entity(ctx.staging, entity, review_path(ctx.mapping, entity), ctx.run.path, existing)
+    stats = dedupe_entity(ctx.staging, entity, review_path(ctx.mapping, entity), ctx.run.path, existing,
+                          run_jobs=ctx.dedupe_jobs)
     log.info("entity %s: dedupe compared %s pairs, merged %s rows into %s clusters, %s pairs for review",
              entity.name, stats.get("pairs_compared"), stats.get("merged_rows"), stats.get("clusters"),
              stats.get("review_pairs"))

@@ -1,7 +1,7 @@
 """Field comparators: vectorised similarities in [0, 1] for arrays of candidate pairs (NaN = a side missing).
 
-String methods run through rapidfuzz's `process.cpdist` (element-wise, multi-threaded, in C++); values are
-prepared once per row, never once per pair."""
+String methods run through rapidfuzz's `process.cpdist` (element-wise, multi-threaded, in C++) on the
+distinct pairs of values only; values are normalised once per distinct value, never once per row or pair."""
 
 from __future__ import annotations
 
@@ -53,36 +53,82 @@ def _date_int(value: object) -> int:
 
 @dataclass
 class Prepared:
-    """One field's values for every row, ready for comparison."""
+    """One field's values for every row, ready for comparison.
+
+    Text fields are dictionary-encoded: `codes` gives each row's index into `values` (its distinct
+    normalised texts), -1 where missing, so comparisons run once per distinct pair of values and `exact` is
+    an integer comparison."""
     spec: CompareSpec
-    text: np.ndarray | None = None  # object array of str ("" = missing)
-    alt: np.ndarray | None = None  # pinyin: the syllables run together
+    codes: np.ndarray | None = None  # int64 per row, -1 = missing
+    values: np.ndarray | None = None  # object array of the distinct texts (pinyin: spaced syllables)
+    alt: np.ndarray | None = None  # pinyin: the syllables run together, per distinct text
     number: np.ndarray | None = None  # float64, NaN = missing; dates as YYYYMMDD
 
 
-def prepare(column: pd.Series, spec: CompareSpec) -> Prepared:
+def prepare(column: pd.Series, spec: CompareSpec, memo: dict | None = None) -> Prepared:
+    """`memo`: see `encode`; the matcher passes one per run so a column is encoded once."""
     if spec.method == "numeric":
         number = pd.to_numeric(pd.Series(column.tolist(), dtype=object), errors="coerce").to_numpy(dtype=float)
         return Prepared(spec, number=number)
-    if spec.method == "date":
-        distinct = {v: _date_int(v) for v in set(column.dropna().tolist())}
-        number = np.array([distinct.get(v, -1) if v is not None and v == v else -1 for v in column.tolist()],
-                          dtype=float)
+    index, distinct = encode(column, DATE_TEXT, memo)
+    if spec.method == "date":  # once per distinct value
+        ints = np.array([_date_int(v) for v in distinct.to_pylist()] + [-1], dtype=float)
+        number = ints[index]  # index -1 (missing) takes the extra -1
         number[number < 0] = np.nan
         return Prepared(spec, number=number)
-    if pd.api.types.is_datetime64_any_dtype(column):
-        column = column.dt.strftime("%Y-%m-%d")
-    # Vectorised: NFKC (full-width letters and digits become ASCII), trimmed, lower case; "" = missing.
-    # Arrow's kernels rather than pandas' per-value `str.normalize` (a Python call per row).
-    arrow = pa.Array.from_pandas(column.astype("string")).cast(pa.string())
-    text = pc.utf8_lower(pc.utf8_trim_whitespace(pc.utf8_normalize(arrow, form="NFKC")))
-    texts = text.fill_null("").to_numpy(zero_copy_only=False)
+    # NFKC (full-width letters and digits become ASCII), trimmed, lower case.
+    codes, normal = recode(index, distinct, pc.utf8_lower(pc.utf8_trim_whitespace(
+        pc.utf8_normalize(distinct, form="NFKC"))))
+    if spec.method == "exact":  # equal codes are equal values: the texts are never needed
+        return Prepared(spec, codes=codes)
+    values = normal.to_numpy(zero_copy_only=False).astype(object)
     if spec.method == "pinyin":
-        cache = {t: _pinyin(t) for t in set(texts.tolist()) if t}
-        spaced = np.array([cache[t] if t else "" for t in texts], dtype=object)
-        joined = np.array([s.replace(" ", "") for s in spaced], dtype=object)
-        return Prepared(spec, text=spaced, alt=joined)
-    return Prepared(spec, text=texts)
+        spaced = np.array([_pinyin(t) for t in values], dtype=object)
+        joined = np.array([t.replace(" ", "") for t in spaced], dtype=object)
+        empty = np.flatnonzero(spaced == "")  # nothing left once punctuation goes: missing
+        codes = np.where(np.isin(codes, empty), -1, codes) if len(empty) else codes
+        return Prepared(spec, codes=codes, values=spaced, alt=joined)
+    return Prepared(spec, codes=codes, values=values)
+
+
+DATE_TEXT = "%Y-%m-%d"  # how comparisons read a date column as text
+
+
+def encode(column: pd.Series, date_format: str, memo: dict | None = None) -> tuple[np.ndarray, pa.Array]:
+    """(index of every row's value in the column's distinct values, -1 = missing; the distinct values as
+    text, dates written with `date_format`). Hashing a million strings is the costly step of blocking and
+    comparison alike, so `memo` (one dict per frame, keyed by column name) lets them share it."""
+    dates = pd.api.types.is_datetime64_any_dtype(column)
+    key = ("encode", column.name, date_format if dates else None)
+    if memo is not None and key in memo:
+        return memo[key]
+    if dates:
+        column = column.dt.strftime(date_format)
+    encoded = pc.dictionary_encode(arrow_text(column))
+    result = encoded.indices.fill_null(-1).to_numpy().astype(np.int64), encoded.dictionary
+    if memo is not None:
+        memo[key] = result
+    return result
+
+
+def recode(index: np.ndarray, distinct: pa.Array, derived: pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """Rows' codes once every distinct value is replaced by `derived` (its normalised text, its key): (code
+    per row, -1 = missing or ""; the distinct derived values). Distinct values that derive the same text share
+    a code; when none changed (data already cleansed), the codes stay as they are without hashing again."""
+    if pc.all(pc.equal(derived, distinct)).as_py() is not False:
+        codes, values = index, derived
+    else:
+        encoded = pc.dictionary_encode(derived)
+        values = encoded.dictionary
+        codes = np.append(encoded.indices.to_numpy().astype(np.int64), -1)[index]  # -1: a missing row
+    empty = np.flatnonzero(pc.equal(values, "").to_numpy(zero_copy_only=False))
+    return (np.where(np.isin(codes, empty), -1, codes) if len(empty) else codes), values
+
+
+def arrow_text(column: pd.Series) -> pa.Array:
+    """The column's values as one Arrow large_string array (null = missing), whatever the pandas dtype."""
+    arrow = pa.Array.from_pandas(column.astype("string")).cast(pa.large_string())
+    return arrow.combine_chunks() if isinstance(arrow, pa.ChunkedArray) else arrow
 
 
 def _cpdist(left: np.ndarray, right: np.ndarray, scorer) -> np.ndarray:
@@ -100,26 +146,38 @@ def similarity(prepared: Prepared, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         sim = _date_similarity(a, b, spec.scale) if spec.method == "date" else _numeric_similarity(a, b, spec.scale)
         sim[missing] = np.nan
         return sim
-    assert prepared.text is not None
-    a, b = prepared.text[i], prepared.text[j]
-    missing = (a == "") | (b == "")
+    assert prepared.codes is not None
+    a, b = prepared.codes[i], prepared.codes[j]
+    present = (a >= 0) & (b >= 0)
     if spec.method == "exact":
         sim = (a == b).astype(np.float64)
-    elif spec.method == "jaro_winkler":
-        sim = _cpdist(a, b, JaroWinkler.normalized_similarity)
-    elif spec.method == "levenshtein":
-        sim = _cpdist(a, b, Levenshtein.normalized_similarity)
-    elif spec.method == "token_set":
-        sim = _cpdist(a, b, fuzz.token_set_ratio) / 100.0
-    elif spec.method == "pinyin":
-        assert prepared.alt is not None
-        sim = np.maximum(_cpdist(a, b, fuzz.token_sort_ratio) / 100.0,
-                         _cpdist(prepared.alt[i], prepared.alt[j], JaroWinkler.normalized_similarity))
+    elif spec.method in STRING_METHODS:
+        # Each distinct (left value, right value) once: blocking makes many pairs repeat one (same names).
+        assert prepared.values is not None
+        sim = np.zeros(len(a), dtype=np.float64)
+        inverse, distinct = pd.factorize(a[present] * len(prepared.values) + b[present])  # hashing, no sort
+        left, right = np.divmod(distinct, len(prepared.values))
+        sim[present] = _text_similarity(prepared, left, right)[inverse]
     else:  # the loader accepts only METHODS
         raise ValueError(f"unknown comparison method `{spec.method}`")
-    sim = np.asarray(sim, dtype=np.float64)
-    sim[missing] = np.nan
+    sim[~present] = np.nan
     return sim
+
+
+def _text_similarity(prepared: Prepared, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Similarity of distinct values left[k] and right[k] (indices into `prepared.values`)."""
+    method, values = prepared.spec.method, prepared.values
+    assert values is not None
+    a, b = values[left], values[right]
+    if method == "jaro_winkler":
+        return _cpdist(a, b, JaroWinkler.normalized_similarity)
+    if method == "levenshtein":
+        return _cpdist(a, b, Levenshtein.normalized_similarity)
+    if method == "token_set":
+        return _cpdist(a, b, fuzz.token_set_ratio) / 100.0
+    assert method == "pinyin" and prepared.alt is not None
+    return np.maximum(_cpdist(a, b, fuzz.token_sort_ratio) / 100.0,
+                      _cpdist(prepared.alt[left], prepared.alt[right], JaroWinkler.normalized_similarity))
 
 
 def _numeric_similarity(a: np.ndarray, b: np.ndarray, scale: float | None) -> np.ndarray:

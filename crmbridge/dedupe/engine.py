@@ -13,6 +13,7 @@ import pandas as pd
 
 from crmbridge.dedupe import review
 from crmbridge.dedupe.matcher import REJECT, Matcher, MatchResult
+from crmbridge.dedupe.partition import PARTS, RunJobs, matcher_pairs
 from crmbridge.dedupe.survive import golden
 from crmbridge.mappings.model import Entity, Mapping
 from crmbridge.masking import key_mask, mask_value
@@ -40,8 +41,11 @@ def review_path(mapping: Mapping, entity: Entity) -> Path:
 
 
 def dedupe_entity(staging: Staging, entity: Entity, review_path: Path, report_dir: Path | None = None,
-                  existing: pd.DataFrame | None = None) -> dict[str, Any]:
-    """Match the staged rows of `entity` and settle its clusters; once per staging (a resumed run skips it)."""
+                  existing: pd.DataFrame | None = None, run_jobs: RunJobs | None = None) -> dict[str, Any]:
+    """Match the staged rows of `entity` and settle its clusters; once per staging (a resumed run skips it).
+
+    `run_jobs`: candidates and comparisons are split by blocking key into jobs this runs (on workers), with
+    the same result (crmbridge.dedupe.partition)."""
     spec = entity.dedupe
     assert spec is not None
     con = staging.con
@@ -52,12 +56,13 @@ def dedupe_entity(staging: Staging, entity: Entity, review_path: Path, report_di
         return {"skipped": 1}
     frame = con.execute(f'SELECT * FROM "{table_name(entity)}" ORDER BY _seq').df()
     matcher = Matcher(spec)
+    pair_finder = None if run_jobs is None else matcher_pairs(matcher, PARTS, run_jobs)
     decisions = review.read(review_path)
     target_matches = None
     if existing is not None and len(existing):
-        result, target_matches = _match_with_target(matcher, frame, existing, decisions)
+        result, target_matches = _match_with_target(matcher, frame, existing, decisions, pair_finder)
     else:
-        result = matcher.run(frame, frame["_ext"].astype(str).tolist(), decisions)
+        result = matcher.run(frame, frame["_ext"].astype(str).tolist(), decisions, pairs=pair_finder)
     labels = result.labels
     n = len(frame)
 
@@ -97,7 +102,7 @@ def dedupe_entity(staging: Staging, entity: Entity, review_path: Path, report_di
 
 
 def _match_with_target(matcher: Matcher, frame: pd.DataFrame, existing: pd.DataFrame,
-                       decisions: dict[tuple[str, str], str]) -> tuple[MatchResult, pd.DataFrame]:
+                       decisions: dict[tuple[str, str], str], pairs: Any = None) -> tuple[MatchResult, pd.DataFrame]:
     """Match the staged rows together with the target's rows (placed first, never paired together).
 
     Returns the result over the staged rows alone, and the staged survivors that take a target row's
@@ -105,7 +110,7 @@ def _match_with_target(matcher: Matcher, frame: pd.DataFrame, existing: pd.DataF
     m = len(existing)
     combined = pd.concat([existing, frame], ignore_index=True)
     ids = combined["_ext"].astype(str).tolist()
-    full = matcher.run(combined, ids, decisions, frozen=m)
+    full = matcher.run(combined, ids, decisions, frozen=m, pairs=pairs)
     labels = full.labels
     staged = labels[m:]
     # Staged survivor of every cluster: its first staged member (target rows are never loaded).

@@ -1,7 +1,9 @@
 """Blocking keys, declared in the mapping as `field` or `function(field)` (e.g. `soundex(family_name)`).
 
 Candidate pairs are the rows that agree on every key of at least one blocking rule, so comparisons stay far
-below n². Keys are computed once per distinct value (names and years repeat a lot)."""
+below n². Keys are computed once per distinct value (names and years repeat a lot) and handed to the matcher
+as integer codes, one per row: blocks are found by grouping integers, with no Python string per row and no
+string join per rule."""
 
 from __future__ import annotations
 
@@ -9,7 +11,12 @@ import re
 from collections.abc import Callable
 
 import jellyfish
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from crmbridge.dedupe.compare import encode, recode
 
 _EXPRESSION = re.compile(r"^\s*(?:(?P<function>[a-z_0-9]+)\(\s*(?P<inner>[A-Za-z_][A-Za-z0-9_]*)\s*\)"
                          r"|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))\s*$")
@@ -40,6 +47,9 @@ FUNCTIONS: dict[str, Callable[[str], str]] = {
 }
 
 
+KEY_DATE_TEXT = "%Y%m%d"  # how keys read a date column as text (year() takes its first four digits)
+
+
 def parse(expression: str) -> tuple[str | None, str]:
     """(function or None, field) of a key expression; ValueError with what was expected otherwise."""
     found = _EXPRESSION.match(expression)
@@ -53,37 +63,58 @@ def parse(expression: str) -> tuple[str | None, str]:
     return found["function"], found["inner"]
 
 
-def _as_text(column: pd.Series) -> pd.Series:
-    """Text of every value (NA where missing), vectorised: `str` dtype, dates as YYYYMMDD."""
-    if pd.api.types.is_datetime64_any_dtype(column):
-        return column.dt.strftime("%Y%m%d").astype("string")
-    if not (pd.api.types.is_string_dtype(column) or pd.api.types.is_object_dtype(column)):
-        return column.astype("string")
-    return column.astype("string")
+def _keys_of_distinct(column: pd.Series, expression: str,
+                      memo: dict | None = None) -> tuple[np.ndarray, pa.Array, pa.Array]:
+    """(index of each row's value in the distinct values, -1 where missing; the distinct values; the key of
+    every distinct value).
+
+    The key is computed once per distinct value: Arrow kernels for a plain field (trimmed, lower case),
+    the Python function otherwise. Dates are read as YYYYMMDD."""
+    function, _ = parse(expression)
+    index, distinct = encode(column, KEY_DATE_TEXT, memo)
+    if function is None:
+        return index, distinct, pc.utf8_lower(pc.utf8_trim_whitespace(distinct))
+    apply = FUNCTIONS[function]
+    return index, distinct, pa.array([apply(value) for value in distinct.to_pylist()], pa.large_string())
 
 
-def _present(keys: pd.Series) -> pd.Series:
-    """Keys as a `string` Series with NA where a key is missing or empty (kept columnar: no Python str per row,
-    which is what made blocking slow at a million rows)."""
-    keys = keys.astype("string")
-    return keys.mask(keys == "")
+def codes(frame: pd.DataFrame, expression: str, memo: dict | None = None) -> np.ndarray:
+    """A dense integer code per row (equal codes = equal keys); -1 where the field is missing or yields no
+    key. `memo`: one dict per frame, so a column or key used by several rules is computed once."""
+    if memo is not None and ("key", expression) in memo:
+        return memo[("key", expression)]
+    result = recode(*_keys_of_distinct(frame[parse(expression)[1]], expression, memo))[0]
+    if memo is not None:
+        memo[("key", expression)] = result
+    return result
+
+
+def rule_codes(frame: pd.DataFrame, rule: tuple[str, ...], memo: dict | None = None) -> np.ndarray:
+    """One dense integer code per row for a blocking rule (its keys combined); -1 when any part is missing."""
+    combined = codes(frame, rule[0], memo)
+    span = int(combined.max()) + 1 if len(combined) else 0  # combined codes are below span
+    for expression in rule[1:]:
+        part = codes(frame, expression, memo)
+        width = int(part.max()) + 1 if len(part) else 0
+        if span * width >= 2**62:  # mixed radix would overflow int64: make the codes so far dense first
+            combined, span = _dense(combined)
+        combined = np.where((combined >= 0) & (part >= 0), combined * width + part, -1)
+        span *= width
+    return combined if len(rule) == 1 else _dense(combined)[0]
+
+
+def _dense(code: np.ndarray) -> tuple[np.ndarray, int]:
+    """Codes renumbered 0..k-1 (-1 stays), and k."""
+    present = code >= 0
+    dense = np.full(len(code), -1, dtype=np.int64)
+    dense[present], distinct = pd.factorize(code[present])
+    return dense, len(distinct)
 
 
 def compute(frame: pd.DataFrame, expression: str) -> pd.Series:
-    """The key of every row (NA where the field is missing or yields no key)."""
-    function, name = parse(expression)
-    text = _as_text(frame[name])
-    if function is None:
-        keys = text.str.strip().str.lower()
-    else:
-        apply = FUNCTIONS[function]
-        distinct = text.dropna().unique()
-        keys = text.map(dict(zip(distinct, map(apply, distinct), strict=True)))
-    return _present(keys).set_axis(frame.index)
-
-
-def rule_key(frame: pd.DataFrame, rule: tuple[str, ...]) -> pd.Series:
-    """One text key per row for a blocking rule (its keys joined); NA when any part is missing."""
-    parts = [compute(frame, expression) for expression in rule]
-    joined = parts[0] if len(parts) == 1 else parts[0].str.cat(parts[1:], sep="\x1f")
-    return _present(joined)
+    """The key text of every row (NA where the field is missing or yields no key), e.g. to show a key."""
+    index, _, key = _keys_of_distinct(frame[parse(expression)[1]], expression)
+    texts = np.asarray([*key.to_pylist(), None], dtype=object)
+    rows = texts[np.where(index >= 0, index, len(texts) - 1)]
+    keys = pd.Series(rows, index=frame.index, dtype="string")
+    return keys.mask(keys == "")

@@ -1,17 +1,18 @@
-"""The matcher: candidate pairs by blocking (DuckDB), vectorised comparisons, scores, guarded clusters.
+"""The matcher: candidate pairs by blocking, vectorised comparisons, scores, guarded clusters.
 
 It works on a pandas frame (one row per record, in staging order) so the same code serves a run's staging
-table, the benchmarks and the tests."""
+table, the benchmarks and the tests. Columnar throughout: each column is dictionary-encoded once (Arrow),
+keys and values become integer codes, candidate pairs come from sorting those codes (NumPy), and strings
+are compared once per distinct pair of values; no Python object is made per row or per pair."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import duckdb
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from crmbridge.dedupe import compare, keys
 from crmbridge.dedupe.cluster import guarded_clusters
@@ -44,6 +45,31 @@ class MatchResult:
         return (self.rule == "") & (self.score >= spec.review_above) & (self.score < spec.match_above)
 
 
+def block_pairs(code: np.ndarray, max_block: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every pair (i < j) of rows sharing a block code (>= 0; -1 = no key), blocks of more than `max_block`
+    rows skipped; plus the number of rows in skipped blocks.
+
+    NumPy only: rows sorted by code (stable, so ascending within a block), then each row is paired with
+    the rows after it in its block."""
+    none = np.zeros(0, dtype=np.int64)
+    present = np.flatnonzero(code >= 0)
+    size = np.bincount(code[present]) if len(present) else none
+    skipped = int(size[size > max_block].sum())
+    row_size = size[code[present]]
+    rows = present[(row_size >= 2) & (row_size <= max_block)]
+    if not len(rows):
+        return none, none, skipped
+    rows = rows[np.argsort(code[rows], kind="stable")]
+    block = code[rows]
+    starts = np.flatnonzero(np.r_[True, block[1:] != block[:-1]])
+    ends = np.r_[starts[1:], len(rows)].astype(np.int64)
+    after = np.repeat(ends, ends - starts) - np.arange(len(rows)) - 1  # rows after each one in its block
+    first = np.cumsum(after) - after  # where each row's pairs start in the output
+    total = int(after.sum())
+    partner = np.arange(total) - np.repeat(first - np.arange(1, len(rows) + 1), after)
+    return np.repeat(rows, after).astype(np.int64), rows[partner].astype(np.int64), skipped
+
+
 class Matcher:
     def __init__(self, spec: DedupeSpec):
         self.spec = spec
@@ -54,37 +80,27 @@ class Matcher:
 
     # --- preparation and candidates ---------------------------------------------------------------------
 
-    def prepare(self, frame: pd.DataFrame) -> None:
-        self.prepared = [compare.prepare(frame[c.field], c) for c in self.spec.compare]
-        self.rule_values = [[compare.prepare(frame[name], CompareSpec(name, "exact")).text for name in rule]
-                            for rule in self.spec.rules]
+    def prepare(self, frame: pd.DataFrame, memo: dict | None = None) -> None:
+        """`memo`: one dict per frame, shared with `candidates` so each column is encoded once."""
+        self.prepared = [compare.prepare(frame[c.field], c, memo) for c in self.spec.compare]
+        self.rule_values = [[compare.prepare(frame[name], CompareSpec(name, "exact"), memo).codes
+                             for name in rule] for rule in self.spec.rules]
 
-    def candidates(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-        """Distinct pairs (i < j) agreeing on all keys of some blocking rule (or of a deterministic rule)."""
-        con = duckdb.connect()
-        con.execute("SET memory_limit = '1GB'")
-        con.execute("CREATE TABLE pairs (i BIGINT, j BIGINT)")
-        skipped = 0
-        rules = list(self.spec.blocking) + list(self.spec.rules)
-        for rule in rules:
-            key = keys.rule_key(frame, tuple(rule))
-            present = key.notna().to_numpy()
-            table = pa.table({"pos": pa.array(np.flatnonzero(present), pa.int64()),
-                              "k": pa.Array.from_pandas(key[present]).cast(pa.string())})
-            con.register("block_keys", table)
-            skipped += con.execute("""
-                SELECT coalesce(sum(n), 0) FROM (SELECT count(*) AS n FROM block_keys GROUP BY k)
-                WHERE n > ?""", [MAX_BLOCK]).fetchone()[0]
-            con.execute("""
-                INSERT INTO pairs
-                WITH sized AS (SELECT pos, k, count(*) OVER (PARTITION BY k) AS n FROM block_keys)
-                SELECT a.pos, b.pos FROM sized a JOIN sized b ON a.k = b.k AND a.pos < b.pos
-                WHERE a.n <= ?""", [MAX_BLOCK])
-            con.unregister("block_keys")
-        generated = con.execute("SELECT count(*) FROM pairs").fetchone()[0]
-        found = con.execute("SELECT DISTINCT i, j FROM pairs ORDER BY i, j").fetchnumpy()
-        con.close()
-        return (found["i"].astype(np.int64), found["j"].astype(np.int64),
+    def candidates(self, frame: pd.DataFrame,
+                   memo: dict | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+        """Distinct pairs (i < j) agreeing on all keys of some blocking rule (or of a deterministic rule),
+        sorted by (i, j)."""
+        found: list[np.ndarray] = []
+        generated = skipped = 0
+        n = len(frame)
+        for rule in list(self.spec.blocking) + list(self.spec.rules):
+            i, j, skipped_rows = block_pairs(keys.rule_codes(frame, tuple(rule), memo), MAX_BLOCK)
+            found.append(i * n + j)  # one int64 per pair: i * n + j < n² fits for any realistic n
+            generated += len(i)
+            skipped += skipped_rows
+        pairs = np.sort(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
+        pairs = pairs[np.r_[True, pairs[1:] != pairs[:-1]]] if len(pairs) else pairs  # distinct, sorted
+        return (pairs // max(n, 1), pairs % max(n, 1),
                 {"pairs_generated": int(generated), "rows_in_skipped_blocks": int(skipped)})
 
     # --- comparison and scores --------------------------------------------------------------------------
@@ -150,25 +166,35 @@ class Matcher:
             hit = np.ones(len(i), dtype=bool)
             for column in values:
                 a, b = column[i], column[j]
-                hit &= (a != "") & (a == b)
+                hit &= (a >= 0) & (a == b)  # codes of the normalised values; -1 = missing
             out[(out == "") & hit] = "rule:" + "+".join(rule)
         return out
 
     # --- the whole pass -----------------------------------------------------------------------------------
 
     def run(self, frame: pd.DataFrame, ids: list[str] | None = None,
-            decisions: dict[tuple[str, str], str] | None = None, frozen: int = 0) -> MatchResult:
+            decisions: dict[tuple[str, str], str] | None = None, frozen: int = 0,
+            pairs: Callable[[pd.DataFrame, dict], tuple] | None = None) -> MatchResult:
         """Match `frame`. Its first `frozen` rows (records already in the target) are never paired with
-        each other, only with the rows after them."""
+        each other, only with the rows after them. `pairs(frame, memo)` -> (i, j, sims, stats) finds and
+        compares the candidates elsewhere, with the same result (crmbridge.dedupe.partition: on workers)."""
         started = time.perf_counter()
         n = len(frame)
-        self.prepare(frame)
-        i, j, stats = self.candidates(frame)
+        memo: dict = {}
+        self.prepare(frame, memo)
+        sims = None
+        if pairs is None:
+            i, j, stats = self.candidates(frame, memo)
+        else:
+            i, j, sims, stats = pairs(frame, memo)
+        del memo
         if frozen:
             keep = j >= frozen  # i < j, so this drops exactly the pairs of two frozen rows
             i, j = i[keep], j[keep]
+            sims = None if sims is None else sims[keep]
         t_block = time.perf_counter()
-        sims = self.similarities(i, j)
+        if sims is None:
+            sims = self.similarities(i, j)
         self.fit(n, sims)
         score = self.scores(sims)
         rule = self.rules_for(i, j)
