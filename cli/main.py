@@ -27,8 +27,9 @@ app = typer.Typer(help="Move customer data between legacy systems, ERPs and CRMs
 
 DaskOpt = Annotated[str | None, typer.Option(
     "--dask", metavar="local[:N]|ADDRESS",
-    help="Prepare batches (cleanse, validate, protect) on a Dask cluster: `local` starts one worker process per "
-         "CPU (`local:N`: N), an address such as tcp://10.0.0.5:8786 uses a running cluster.")]
+    help="Prepare batches (cleanse, validate, protect), write them and compare dedupe candidates on a Dask "
+         "cluster: `local` starts one worker process per CPU (`local:N`: N), an address such as "
+         "tcp://10.0.0.5:8786 uses a running cluster. Default: the mapping's `settings.dask`.")]
 
 
 

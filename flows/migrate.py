@@ -299,11 +299,13 @@ def start_run(mapping_path: str | Path, dry_run: bool = False, run_id: str | Non
               dask: str | None = None) -> tuple[RunDir, dict]:
     """Create the run directory and manifest, then run the flow. Returns the run and its reconciliation.
 
-    `dask`: prepare batches on a Dask cluster, `local` (one worker process per CPU), `local:N` or a
-    scheduler address such as `tcp://10.0.0.5:8786` (see docs/scale-out.md)."""
+    `dask`: prepare batches, write them and compare dedupe candidates on a Dask cluster, `local` (one worker
+    process per CPU), `local:N` or a scheduler address such as `tcp://10.0.0.5:8786` (docs/scale-out.md);
+    default: the mapping's `settings.dask`, else one process."""
     from crmbridge.runs import create_run
 
     mapping = load_mapping(mapping_path)
+    dask = dask or mapping.dask  # the CLI's option, else the mapping's `settings.dask`
     run = create_run(mapping.state_dir, run_id)
     manifest = Manifest(run_id=run.run_id, mapping_name=mapping.name, mapping_path=str(mapping.path),
                         mapping_sha256=mapping.sha256, dry_run=dry_run, started_at=_now())
@@ -365,6 +367,7 @@ def resume_run(run: RunDir, dask: str | None = None) -> dict:
         raise CrmbridgeError(
             f"{mapping.path} changed since run {run.run_id} started (sha256 {manifest.mapping_sha256[:12]}, "
             f"now {mapping.sha256[:12]}); restore it to resume, or start a new run")
+    dask = dask or mapping.dask
     manifest.status, manifest.error, manifest.finished_at = "running", None, None
     manifest.resumed = [*manifest.resumed, _now()]
     run.write_manifest(manifest)

@@ -738,7 +738,7 @@ def _build(path: Path, raw: bytes, data: dict[str, Any], secrets: set[str]) -> M
         targets={n: _connection(n, c) for n, c in data["targets"].items()},
         entities=entities, batch_size=settings.get("batch_size", DEFAULT_BATCH_SIZE),
         state_dir=state_dir if state_dir.is_absolute() else path.resolve().parent / state_dir,
-        timezone=settings.get("timezone"), secrets=secrets,
+        timezone=settings.get("timezone"), dask=settings.get("dask"), secrets=secrets,
         protection=protection_rules.settings(data, path.resolve().parent),
         audit=_audit_settings(settings.get("audit") or {}, path.resolve().parent),
     )

@@ -186,6 +186,7 @@ class Mapping:
     batch_size: int = DEFAULT_BATCH_SIZE
     state_dir: Path = field(default_factory=lambda: Path(".crmbridge"))
     timezone: str | None = None
+    dask: str | None = None  # scale-out on a Dask cluster (docs/scale-out.md); the CLI's --dask overrides it
     secrets: set[str] = field(default_factory=set, repr=False)
     protection: ProtectionSettings | None = None
     audit: AuditSettings = field(default_factory=AuditSettings)

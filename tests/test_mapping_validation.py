@@ -320,7 +320,7 @@ def test_wrong_types(tmp_path: Path) -> None:
             "        from: company_name\n",
             "        from: company_name\n        required: yes please\n        max_length: 0\n",
         ),
-        head=HEAD.replace("version: 1\n", "version: 1\nsettings:\n  batch_size: many\n").replace(
+        head=HEAD.replace("version: 1\n", "version: 1\nsettings:\n  batch_size: many\n  dask: local:0\n").replace(
             "    path: data/export.csv\n",
             "    path: data/export.csv\n    header: 'no'\n    delimiter: ';;'\n",
         ),
@@ -328,6 +328,7 @@ def test_wrong_types(tmp_path: Path) -> None:
     problems = fail(tmp_path, text)
     expected = {
         "settings.batch_size": ("batch_size", "expected an integer, found a string ('many')"),
+        "settings.dask": ("dask", "expected a value matching ^(local(:[1-9][0-9]*)?|(tcp|tls|ucx|inproc)://"),
         "sources.export.header": ("header", "expected a boolean (true or false), found a string ('no')"),
         "sources.export.delimiter": ("delimiter", "expected a single character; found a string (';;')"),
         "entities[0].key": ("key: 5", "expected a string or a list of strings; found an integer (5)"),

@@ -121,9 +121,12 @@ def test_dedupe_spreads_by_blocking_key_and_merges_as_one_process_does(tmp_path:
 
     single, distributed = tmp_path / "single", tmp_path / "dask"
     single.mkdir(), distributed.mkdir()
+    mapping = people_project(distributed)  # scale-out chosen in the mapping this time
+    mapping.write_text(mapping.read_text(encoding="utf-8").replace(
+        "version: 1\n", "version: 1\nsettings:\n  dask: local:2\n", 1), encoding="utf-8")
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
         single_run, expected = start_run(people_project(single))
-        run, got = start_run(people_project(distributed), dask="local:2")
+        run, got = start_run(mapping)
         tasks = _task_runs(run.manifest().flow_run_id)
     assert got["entities"] == expected["entities"] and got["entities"][0]["merged"] == 3
     assert len(tasks["dedupe"]) >= 3 and set(tasks["dedupe"].values()) == {"COMPLETED"}  # dedupe-part-*
