@@ -312,6 +312,11 @@ class SqlTarget:
     def dialect(self) -> str:
         return self.connector.engine_for("target").dialect.name
 
+    @property
+    def concurrent_writes(self) -> bool:
+        """Whether writers on several connections make progress at once (SQLite has one write lock per file)."""
+        return self.dialect != "sqlite"
+
     def table(self, entity: Entity) -> sa.Table:
         return self._tables[entity.name]
 

@@ -32,7 +32,7 @@ from crmbridge.audit.project import open_trail
 from crmbridge.connectors.base import RestoreRow, SourceBatch
 from crmbridge.errors import CrmbridgeError, ReconciliationError, SourceError, TargetError
 from crmbridge.flows import steps
-from crmbridge.flows.migrate import dedupe_task, load_batch_task, stage_batch_task
+from crmbridge.flows.migrate import Opaque, dedupe_task, load_batch_task, stage_batch_task
 from crmbridge.flows.reconcile import unbalanced_message
 from crmbridge.mappings import load_mapping
 from crmbridge.mappings.cleanse import external_ids, source_keys
@@ -158,7 +158,7 @@ def run_cycle(mapping: Mapping, run: RunDir, manifest: Manifest) -> dict[str, An
         for entity in entities:
             changes[entity.name].conflicts_kept = apply_conflict_policy(ctx, entity)
             for first, last in steps.load_ranges(ctx, entity):
-                load_batch_task(ctx, entity, first, last)
+                load_batch_task(Opaque(ctx), entity, first, last)
         for entity in reversed(entities):  # children before their parents
             changes[entity.name].applied_deletes = apply_deletes(ctx, entity, changes[entity.name].deleted)
         results = [r for r in steps.reconcile(ctx) if r.entity in changes]
@@ -229,10 +229,10 @@ def stage_changes(ctx: steps.RunContext, entity: Entity, stored: datetime | None
                                                    [k for k in keys.tolist() if isinstance(k, str)])
                     live = SourceBatch(batch.frame[~gone].reset_index(drop=True), batch.row_numbers[~gone],
                                        batch.rejected)
-            seq += stage_batch_task(ctx, entity, batch_no, seq, live)
+            seq += stage_batch_task(Opaque(ctx), entity, batch_no, seq, Opaque(live))
     finally:
         source.close()
-    dedupe_task(ctx, entity)
+    dedupe_task(Opaque(ctx), entity)
     return result
 
 
