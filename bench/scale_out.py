@@ -1,4 +1,5 @@
-"""The same SQLite -> SQLite migration in one process and with batches prepared on a local Dask cluster.
+"""The same SQLite -> SQLite migration in one process and with batches prepared and written on a local Dask
+cluster.
 
     .venv/bin/python bench/scale_out.py                 # 2,000,000 rows, 2 Dask workers
     .venv/bin/python bench/scale_out.py --rows 500000 --workers 2
@@ -118,8 +119,9 @@ def main() -> None:
               f"{result['flow_rss_mib']:>8.0f} MiB{worker:>13}")
     print(f"speed-up with Dask: {single['seconds'] / dask['seconds']:.2f}x (above 1 Dask is faster); "
           "both runs reconciled alike")
-    print("Only batch preparation (cleanse, validate, protect) runs on the workers; extract, staging and load "
-          "stay in the flow process (docs/scale-out.md).")
+    print("On the workers: batch preparation (cleanse, validate, protect) and target writes; in the flow process: "
+          "extract, staging, load planning and the ledger. A SQLite target takes one writer at a time "
+          "(docs/scale-out.md).")
 
 
 if __name__ == "__main__":
