@@ -298,6 +298,7 @@ class SqlTarget:
         self._tables: dict[str, sa.Table] = {}
         self._naive_utc: dict[str, list[str]] = {}  # entity -> timestamp fields written as naive UTC
         self._not_created: set[str] = set()  # entities whose table a dry run defined but did not create
+        self._empty_when_prepared: set[str] = set()  # see `empty_when_prepared`
         self._conn: sa.Connection | None = None
 
     @property
@@ -353,6 +354,10 @@ class SqlTarget:
             raise TargetError(f"entity `{entity.name}`: target column `{name}.{entity.external_id_column}` "
                               "must be unique (a primary key or unique index) so writes can upsert on it")
         self._register(entity, table)
+        if self.conn.execute(sa.select(sa.literal(1)).select_from(table).limit(1)).first() is None:
+            self._empty_when_prepared.add(entity.name)
+        else:
+            self._empty_when_prepared.discard(entity.name)
 
     def _register(self, entity: Entity, table: sa.Table) -> None:
         self._tables[entity.name] = table
@@ -401,6 +406,11 @@ class SqlTarget:
         return any(c["column_names"] == [column] for c in constraints) or any(
             i.get("unique") and i["column_names"] == [column] for i in indexes
         )
+
+    def empty_when_prepared(self, entity: Entity) -> bool:
+        """Whether the entity's table held no row when `prepare` looked (then a run's look-ups can only find
+        rows the run itself wrote, and a run never writes one external id twice)."""
+        return entity.name in self._empty_when_prepared
 
     def fetch_existing(self, entity: Entity, external_ids: Sequence[str]) -> dict[str, ExistingRow]:
         if entity.name in self._not_created:

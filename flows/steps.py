@@ -364,7 +364,7 @@ def plan_load(ctx: RunContext, entity: Entity, first_seq: int, last_seq: int) ->
     exts: list[str] = table.column("_ext").to_pylist()
     desired = written_values(entity, table, refs)
     sealed = list(desired)  # the staged values: what a writer elsewhere receives for fields it decrypts
-    existing = target.fetch_existing(entity, exts) if exts else {}
+    existing = target.fetch_existing(entity, exts) if exts and not _empty_when_prepared(target, entity) else {}
     if ctx.mapping.protection is not None:  # plaintext only now, at the last moment, if the target takes it
         protection_load.prepare(ctx.mapping, entity, table, desired, existing)
 
@@ -415,6 +415,14 @@ def plan_load(ctx: RunContext, entity: Entity, first_seq: int, last_seq: int) ->
                        entity.target_key_column != entity.external_id_column, decrypt)
     return LoadPlan(first_seq, last_seq, table, names, desired, exts, actions, changed_fields, before_images,
                     currents, present, quarantined, job)
+
+
+def _empty_when_prepared(target: Target, entity: Entity) -> bool:
+    """A target table that was empty when the run prepared it holds only rows of this run, and rows of two
+    batches (or two entities) never share an external id: nothing to look up (a first migration's every
+    batch; measured: a third of the write's time on SQLite)."""
+    check = getattr(target, "empty_when_prepared", None)
+    return bool(check(entity)) if check is not None else False
 
 
 def sealed_for_writer(ctx: RunContext, entity: Entity) -> list[str]:

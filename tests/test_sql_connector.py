@@ -261,6 +261,21 @@ def test_fetch_existing_and_target_keys_cross_the_in_chunk(any_db_url: str, tmp_
     assert len(set(keys.values())) == 2_500 and all(isinstance(k, int) for k in keys.values())
 
 
+def test_a_table_empty_when_prepared_is_known_so_a_run_skips_its_look_ups(any_db_url: str, tmp_path: Path) -> None:
+    fields = {"name": {"from": "name"}}
+    mapping = make_mapping(tmp_path, any_db_url, fields)
+    entity = mapping.entity("people")
+    with opened_target(mapping) as target:
+        target.prepare(entity, dry_run=False)  # creates the table: empty
+        assert target.empty_when_prepared(entity)
+        assert target.write(entity, [{"external_id": "a", "name": "Ann"}]) == []
+        assert target.empty_when_prepared(entity)  # as prepared; look-ups themselves still see the row
+        assert set(target.fetch_existing(entity, ["a", "b"])) == {"a"}
+    with opened_target(mapping) as target:  # the next run (or a resume) finds a row, and looks up
+        target.prepare(entity, dry_run=False)
+        assert not target.empty_when_prepared(entity)
+
+
 # --- 4. refused rows ------------------------------------------------------------------------------------
 
 
