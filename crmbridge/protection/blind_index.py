@@ -7,14 +7,14 @@ values give equal tokens, which is what exact matching and dedup need without de
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import unicodedata
 from collections.abc import Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.hmac import HMAC
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 TOKEN_BYTES = 32
@@ -35,30 +35,48 @@ def field_key(root: bytes, entity: str, field: str) -> bytes:
 
 
 def token(key: bytes, value: str, length: int = TOKEN_BYTES) -> str:
-    return hmac.new(key, normalise(value).encode(), hashlib.sha256).hexdigest()[: 2 * length]
+    mac = HMAC(key, hashes.SHA256())
+    mac.update(normalise(value).encode())
+    return mac.finalize()[:length].hex()
 
 
 def tokens(key: bytes, values: Sequence[str | None], length: int = TOKEN_BYTES) -> list[str | None]:
-    """Tokens of a column (hex); None stays None.
+    """Tokens of a column (hex); None stays None."""
+    return token_column(key, pa.array(values, pa.string()), length).to_pylist() if len(values) else []
 
-    ASCII values (nearly all emails, phones, ids) are normalised in bulk with Arrow kernels, which for ASCII
-    text do exactly what `normalise` does (NFKC is the identity there, casefold is lower); other values go
-    through `normalise`."""
-    if not values:
-        return []
-    column = pa.array(values, pa.string())
-    ascii_only = pc.string_is_ascii(column).to_numpy(zero_copy_only=False)
-    bulk = pc.utf8_trim(pc.replace_substring_regex(pc.utf8_lower(column), _ASCII_SPACE_RUN, " "), " ").to_pylist()
-    base, width = hmac.new(key, digestmod=hashlib.sha256), 2 * length  # copying the keyed state is cheapest
-    out: list[str | None] = []
-    for value, normalised, simple in zip(values, bulk, ascii_only, strict=True):
+
+def token_column(key: bytes, values: pa.Array, length: int = TOKEN_BYTES) -> pa.Array:
+    """Tokens of an Arrow string column as hex text; nulls stay null. One HMAC per value (a copy of the keyed
+    state, the cheapest start), the hex text made once for the whole column."""
+    data = _normalised(values).cast(pa.binary()).to_pylist()
+    copy, empty = HMAC(key, hashes.SHA256()).copy, bytes(length)
+
+    def mac(value: bytes | None) -> bytes:
         if value is None:
-            out.append(None)
-            continue
-        mac = base.copy()
-        mac.update((normalised if simple else normalise(value)).encode())
-        out.append(mac.hexdigest()[:width])
-    return out
+            return empty  # a null row: its slot is masked out below
+        one = copy()
+        one.update(value)
+        return one.finalize()[:length]
+
+    text = b"".join(map(mac, data)).hex().encode()
+    offsets = np.arange(len(data) + 1, dtype=np.int64) * (2 * length)
+    validity = values.is_valid().buffers()[1] if values.null_count else None
+    return pa.LargeStringArray.from_buffers(len(data), pa.py_buffer(offsets), pa.py_buffer(text), validity,
+                                            values.null_count).cast(pa.string())
+
+
+def _normalised(values: pa.Array) -> pa.Array:
+    """`normalise` of every value. ASCII values (nearly all emails, phones, ids) are normalised in bulk with
+    Arrow kernels, which for ASCII text do exactly what `normalise` does (NFKC is the identity there,
+    casefold is lower); other values go through `normalise`."""
+    bulk = pc.utf8_trim(pc.replace_substring_regex(pc.utf8_lower(values), _ASCII_SPACE_RUN, " "), " ")
+    other = np.flatnonzero(~pc.fill_null(pc.string_is_ascii(values), True).to_numpy(zero_copy_only=False))
+    if not len(other):
+        return bulk
+    out = bulk.to_pylist()
+    for i in other.tolist():
+        out[i] = normalise(values[i].as_py())
+    return pa.array(out, pa.string())
 
 
 # What `str.split()` treats as whitespace among ASCII characters.

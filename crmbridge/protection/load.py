@@ -35,8 +35,10 @@ def prepare(mapping: Any, entity: Any, table: pa.Table, desired: list[list[Any]]
         if spec.protect == INDEX_POLICY:
             desired[j] = [None if v is None else v[:width] for v in column]
             continue
-        if plaintext:
-            desired[j] = protector.decrypt_values(entity.name, spec.name, column, exts)
+        if plaintext:  # from the staged Arrow column where it is the same text: no list to convert back
+            same = not getattr(spec, "ref", None) and spec.name in table.column_names
+            staged = table.column(spec.name) if same else column
+            desired[j] = protector.decrypt_values(entity.name, spec.name, staged, exts)
             continue
         for i, ext in enumerate(exts):
             current = existing.get(ext)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -39,7 +40,28 @@ def _plain(series: pd.Series) -> list[str | None]:
     return [None if gone else str(v) for v, gone in zip(series.tolist(), missing, strict=True)]
 
 
-def _column(values: list[Any], like: pd.Series) -> pd.Series:
+def _text(series: pd.Series) -> pa.Array:
+    """A frame column as an Arrow string array (missing values null, anything else as its text); Arrow-backed
+    string columns, what cleansing produces, without a Python object per value."""
+    if isinstance(series.dtype, pd.StringDtype) and series.dtype.storage == "pyarrow":
+        column = pa.array(series.array)
+        column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        return column.cast(pa.string())
+    return pa.array(_plain(series), pa.string())
+
+
+def _text_of(values: Sequence[str | None] | pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(values, pa.Array):
+        return values.cast(pa.string())
+    return pa.array(values, pa.string(), from_pandas=True)  # NaN counts as missing, as in pandas
+
+
+def _column(values: list[Any] | pa.Array, like: pd.Series) -> pd.Series:
+    if isinstance(values, pa.Array):
+        return pd.Series(values, index=like.index, dtype=like.dtype if isinstance(like.dtype, pd.StringDtype)
+                         else object)
     return pd.Series(values, index=like.index, dtype=like.dtype if like.dtype != object else object)
 
 
@@ -56,8 +78,8 @@ class Protector:
         fields = [f for f in entity.fields.values() if getattr(f, "protect", "none") != "none"]
         if not fields or frame.empty:
             return frame
-        out = frame.copy()
-        exts: list[str] = frame["_ext"].tolist()
+        out = frame.copy(deep=False)  # columns are replaced, never changed in place
+        records = _text(frame["_ext"]).cast(pa.binary()).to_pylist()  # each row's key, for associated data
         subject_ids: list[int | None] | None = None
         subject = getattr(entity, "subject", None)
         if subject and self.subjects is not None and any(f.protect in ("encrypt", "blind_index") for f in fields):
@@ -65,23 +87,23 @@ class Protector:
         for spec in fields:
             if spec.protect == INDEX_POLICY:
                 continue  # filled from the field it indexes
-            values = _plain(frame[spec.name])
+            like = frame[spec.name]
             if spec.protect == "drop":
-                out[spec.name] = _column([None] * len(values), frame[spec.name])
+                out[spec.name] = _column([None] * len(like), like)
                 continue
+            values = _text(like)
             if spec.protect in ("blind_index", "hash"):
-                tokens = blind_index.tokens(self.keyring.index_key(entity.name, spec.name), values)
-                target = spec.name if spec.protect == "hash" else spec.name + INDEX_SUFFIX
-                out[target] = _column(tokens, frame[spec.name])
+                tokens = blind_index.token_column(self.keyring.index_key(entity.name, spec.name), values)
+                out[spec.name if spec.protect == "hash" else spec.name + INDEX_SUFFIX] = _column(tokens, like)
                 if spec.protect == "hash":
                     continue
             if spec.protect == "deterministic":
                 key = self.keyring.current("siv")
-                sealed = siv.seal_many(self.keyring.siv(key.id), key.id, values,
-                                       siv.associated(entity.name, spec.name))
+                sealed: list[str | None] | pa.Array = siv.seal_many(
+                    self.keyring.siv(key.id), key.id, values.to_pylist(), siv.associated(entity.name, spec.name))
             else:
-                sealed = self.encrypt_values(entity.name, spec.name, values, exts, subject_ids)
-            out[spec.name] = _column(sealed, frame[spec.name])
+                sealed = self._encrypt_column(entity.name, spec.name, values, records, subject_ids)
+            out[spec.name] = _column(sealed, like)
         return out
 
     def _subject_ids(self, subjects: list[str | None]) -> list[int | None]:
@@ -93,24 +115,26 @@ class Protector:
     def encrypt_values(self, entity: str, field: str, values: Sequence[str | None], exts: Sequence[str],
                        subject_ids: Sequence[int | None] | None = None) -> list[str | None]:
         """Encrypt a column under the current data key, or per row under the subject's key where known."""
+        records = [ext.encode() for ext in exts]
+        return self._encrypt_column(entity, field, _text_of(values), records, subject_ids).to_pylist()
+
+    def _encrypt_column(self, entity: str, field: str, values: pa.Array, records: Sequence[bytes],
+                        subject_ids: Sequence[int | None] | None = None) -> pa.Array:
         prefix = envelope.aad(entity, field, "")
         key = self.keyring.current("data")
         if subject_ids is None or all(s is None for s in subject_ids):
-            return envelope.seal_many(self.keyring.gcm(key.id), key.id, values, lambda i: prefix + exts[i].encode())
+            return envelope.seal_column(self.keyring.gcm(key.id), key.id, values, prefix, records)
         data_cipher = self.keyring.gcm(key.id)
         out: list[str | None] = []
-        for i, value in enumerate(values):
+        for value, record, subject_id in zip(values.to_pylist(), records, subject_ids, strict=True):
             if value is None:
                 out.append(None)
-                continue
-            subject_id = subject_ids[i]
-            if subject_id is None:
-                sealed = envelope.seal(data_cipher, key.id, value.encode(), prefix + exts[i].encode())
+            elif subject_id is None:
+                out.append(envelope.b64(envelope.seal(data_cipher, key.id, value.encode(), prefix + record)))
             else:
-                sealed = envelope.seal(self.subjects.cipher(subject_id), subject_id, value.encode(),
-                                       prefix + exts[i].encode(), version=envelope.VERSION_GCM_SUBJECT)
-            out.append(envelope.b64(sealed))
-        return out
+                out.append(envelope.b64(envelope.seal(self.subjects.cipher(subject_id), subject_id, value.encode(),
+                                                      prefix + record, version=envelope.VERSION_GCM_SUBJECT)))
+        return pa.array(out, pa.string())
 
     # --- reading back ------------------------------------------------------------------------------
 
@@ -136,10 +160,80 @@ class Protector:
         raise DecryptionError(f"{entity}.{field}: the value is not a crmbridge envelope (unknown format "
                               f"{version})")
 
-    def decrypt_values(self, entity: str, field: str, tokens: Sequence[str | None],
+    def decrypt_values(self, entity: str, field: str, tokens: Sequence[str | None] | pa.Array | pa.ChunkedArray,
                        exts: Sequence[str]) -> list[str | None]:
-        """Decrypt a column. The first value under each (format, key) goes through `decrypt_value`, which
-        checks the key and the format; the rest reuse its cipher in a tight loop. None/NaN stay None."""
+        """Decrypt a column (a list or Arrow strings); None/NaN stay None. AES-GCM envelopes are decoded for
+        the whole column at once; anything else, or any value that fails, goes value by value, which gives
+        the precise error."""
+        try:
+            column = _text_of(tokens)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            column = None
+        found = None if column is None else self._decrypt_column(entity, field, column, exts)
+        if found is not None:
+            return found
+        listed = tokens.to_pylist() if isinstance(tokens, (pa.Array, pa.ChunkedArray)) else list(tokens)
+        return self._decrypt_each(entity, field, listed, exts)
+
+    def _decrypt_column(self, entity: str, field: str, column: pa.Array,
+                        exts: Sequence[str]) -> list[str | None] | None:
+        """The fast path of `decrypt_values`, or None where it does not apply (SIV, malformed text or envelopes,
+        a value that does not authenticate)."""
+        decoded = envelope.decode_column(column)
+        if decoded is None:
+            return None
+        data, start, end = decoded
+        rows = np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False))
+        out: list[str | None] = [None] * len(column)
+        if not len(rows):
+            return out
+        if ((end - start)[rows] < envelope.OVERHEAD).any():
+            return None
+        raw = np.frombuffer(data, np.uint8)
+        heads = np.ascontiguousarray(raw[start[rows, None] + np.arange(envelope.HEADER.size)])
+        if (heads == heads[0]).all():  # the usual case: one format and key for the whole column
+            groups = [(heads[0].tobytes(), rows)]
+        else:
+            kinds, which = np.unique(heads.view(f"V{envelope.HEADER.size}").ravel(), return_inverse=True)
+            groups = [(head, rows[which == kind]) for kind, head in enumerate(kinds.tolist())]
+        for head, members in groups:
+            first = int(members[0])  # checks the key (known, not retired) and the format with a precise error
+            self.decrypt_value(entity, field, column[first].as_py(), exts[first])
+            plain = self._open_rows(entity, field, head, (data, start, end), members, exts)
+            if plain is None:
+                return None
+            if len(members) == len(out):
+                return plain
+            for i, value in zip(members.tolist(), plain, strict=True):
+                out[i] = value
+        return out
+
+    def _open_rows(self, entity: str, field: str, head: bytes, decoded: tuple[bytes, np.ndarray, np.ndarray],
+                   rows: np.ndarray, exts: Sequence[str]) -> list[str | None] | None:
+        """The plaintexts of the given rows, which all have envelope header `head`; None if one does not
+        authenticate or is not an AES-GCM envelope."""
+        version, key_id = envelope.HEADER.unpack(head)
+        if version not in (envelope.VERSION_GCM, envelope.VERSION_GCM_SUBJECT):
+            return None
+        data, start, end = decoded
+        at = envelope.HEADER.size
+        nonces = np.ascontiguousarray(np.frombuffer(data, np.uint8)[start[rows, None] + at + np.arange(envelope.NONCE)])
+        bodies = [data[a:b] for a, b in zip((start[rows] + at + envelope.NONCE).tolist(), end[rows].tolist(),
+                                            strict=True)]
+        bound = head + envelope.aad(entity, field, "")
+        associated = ([bound + ext.encode() for ext in exts] if len(rows) == len(exts)
+                      else [bound + exts[i].encode() for i in rows.tolist()])
+        try:
+            return [value.decode() for value in map(self._cipher(version, key_id).decrypt,
+                                                    nonces.view(f"V{envelope.NONCE}").ravel().tolist(), bodies,
+                                                    associated)]
+        except (InvalidTag, ValueError):
+            return None
+
+    def _decrypt_each(self, entity: str, field: str, tokens: Sequence[str | None],
+                      exts: Sequence[str]) -> list[str | None]:
+        """Decrypt value by value. The first value under each (format, key) goes through `decrypt_value`, which
+        checks the key and the format; the rest reuse its cipher. None/NaN stay None."""
         prefix = envelope.aad(entity, field, "")
         siv_ad = siv.associated(entity, field)
         decode = base64.urlsafe_b64decode
@@ -190,7 +284,7 @@ class Protector:
             policy = getattr(spec, "protect", "none")
             if policy in ENCRYPTED and plaintext:
                 exts = exts if exts is not None else table.column("_ext").to_pylist()
-                values = self.decrypt_values(entity.name, spec.name, table.column(spec.name).to_pylist(), exts)
+                values = self.decrypt_values(entity.name, spec.name, table.column(spec.name), exts)
             elif policy == INDEX_POLICY and self.index_bytes < blind_index.TOKEN_BYTES:
                 values = pc.utf8_slice_codeunits(table.column(spec.name), 0, 2 * self.index_bytes)
             else:
