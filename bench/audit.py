@@ -59,10 +59,10 @@ def child_flow(where: Path) -> dict:
     configure_prefect()
     import resource
 
-    from crmbridge.flows import migrate
+    from crmbridge.flows import migrate, progress
 
     clock = base._Clock()
-    migrate.progress_reporter = clock
+    progress.install(clock)
     cpu_before = time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
     _, result = migrate.start_run(where / "mapping.yaml")
     finished = time.perf_counter()

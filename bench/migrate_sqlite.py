@@ -223,11 +223,11 @@ def measure_flow(where: Path) -> dict:
     from crmbridge.flows.prefect_env import configure_prefect
 
     prefect_mode = configure_prefect()  # as the CLI does: a running `crmbridge server` is used if there is one
-    from crmbridge.flows import migrate
+    from crmbridge.flows import migrate, progress
 
     imported = time.perf_counter()
     clock = _Clock()
-    migrate.progress_reporter = clock
+    progress.install(clock)
     _, result = migrate.start_run(where / "mapping.yaml")
     finished = time.perf_counter()
     out = {

@@ -67,10 +67,10 @@ def _run_flow(where: Path) -> tuple[dict, float, Path, float]:
     from crmbridge.flows.prefect_env import configure_prefect
 
     configure_prefect()
-    from crmbridge.flows import migrate
+    from crmbridge.flows import migrate, progress
 
     clock = _Clock()
-    migrate.progress_reporter = clock
+    progress.install(clock)
     run, result = migrate.start_run(where / "mapping.yaml")
     # CPU seconds of this process (all its threads; not the Prefect server's): what a busy machine distorts least.
     cpu = time.process_time() - clock.first_cpu

@@ -169,19 +169,18 @@ def resume(
 
 def _with_progress(start, dry_run: bool) -> None:
     """Run `start()` (a run or a resume) under progress bars, then print its reconciliation."""
-    from crmbridge.flows import migrate
-    from crmbridge.flows.progress import NoProgress
+    from crmbridge.flows import progress
 
     started = time.perf_counter()
     with RichProgress() as bars:
-        migrate.progress_reporter = bars
+        progress.install(bars)
         try:
             run_dir, result = start()
         except CrmbridgeError as error:
             bars.bars.stop()
             raise _fail(str(error)) from None
         finally:
-            migrate.progress_reporter = NoProgress()
+            progress.install(None)
     console.print(reconciliation_table(result, dry_run))
     waited = f" (first rows moved after {bars.first_rows_at - started:.1f}s)" if bars.first_rows_at else ""
     console.print(f"run [bold]{run_dir.run_id}[/] finished in {time.perf_counter() - started:.1f}s{waited}; "

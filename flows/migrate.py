@@ -25,8 +25,7 @@ from crmbridge import failpoints
 from crmbridge.audit.project import open_trail
 from crmbridge.checkpoints import SETTLED, STAGED, Checkpoints
 from crmbridge.errors import CrmbridgeError, ReconciliationError
-from crmbridge.flows import steps
-from crmbridge.flows.progress import NoProgress, Progress
+from crmbridge.flows import progress, steps
 from crmbridge.flows.reconcile import unbalanced_message
 from crmbridge.mappings import load_mapping
 from crmbridge.mappings.envvars import Redactor
@@ -49,8 +48,6 @@ class Opaque:
         self.value = value
 
 
-# The CLI installs its progress bars here; a flow started by a Prefect worker reports nothing extra.
-progress_reporter: Progress = NoProgress()
 
 
 @task(name="stage-batch", cache_policy=NONE, task_run_name="stage-{entity.name}-{batch_no}")
@@ -122,7 +119,7 @@ def migrate_flow(mapping_path: str, run_id: str, state_dir: str, dry_run: bool =
     audit = open_trail(mapping, run_id, manifest.operator)  # the project's store (settings.audit)
     if not dry_run:  # a dry run records no record-level events
         audit.start_writer()  # it boots while the sources are read
-    ctx = steps.RunContext(mapping, run, staging, audit, dry_run, progress_reporter, Checkpoints(staging),
+    ctx = steps.RunContext(mapping, run, staging, audit, dry_run, progress.current(), Checkpoints(staging),
                            distributed=distributed, dedupe_jobs=_dedupe_on_workers if distributed else None)
     redact = Redactor(mapping.secrets)
     logger = get_run_logger()

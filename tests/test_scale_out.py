@@ -138,3 +138,20 @@ def test_dedupe_spreads_by_blocking_key_and_merges_as_one_process_does(tmp_path:
     with sqlite3.connect(single / "target.db") as a, sqlite3.connect(distributed / "target.db") as b:
         query = "SELECT * FROM contact ORDER BY external_id"
         assert a.execute(query).fetchall() == b.execute(query).fetchall()
+
+
+def test_the_cli_runs_on_dask_under_its_progress_bars(tmp_path: Path, prefect_server: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`crmbridge run --dask`: Prefect ships the flow function to the workers by value, with the globals it
+    reads; the live progress display (locks, a terminal) must not be one of them."""
+    from typer.testing import CliRunner
+
+    from crmbridge.cli.main import app
+
+    project = _project(tmp_path / "cli")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server)
+    result = CliRunner().invoke(app, ["run", "mapping.yaml", "--dask", "local:2"])
+    assert result.exit_code == 0, result.output
+    assert "Reconciliation" in result.output and "yes" in result.output and "no " not in result.output
+    assert len(_target(project)["contact"]) > 1000
