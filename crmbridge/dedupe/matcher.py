@@ -45,6 +45,15 @@ class MatchResult:
         return (self.rule == "") & (self.score >= spec.review_above) & (self.score < spec.match_above)
 
 
+def pairable_rows(code: np.ndarray, max_block: int) -> tuple[np.ndarray, int]:
+    """Rows (ascending) in blocks of 2 to `max_block` rows by block code (>= 0; -1 = no key), and the number
+    of rows in blocks skipped for being larger."""
+    present = np.flatnonzero(code >= 0)
+    size = np.bincount(code[present]) if len(present) else np.zeros(0, dtype=np.int64)
+    row_size = size[code[present]]
+    return present[(row_size >= 2) & (row_size <= max_block)], int(size[size > max_block].sum())
+
+
 def block_pairs(code: np.ndarray, max_block: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Every pair (i < j) of rows sharing a block code (>= 0; -1 = no key), blocks of more than `max_block`
     rows skipped; plus the number of rows in skipped blocks.
@@ -52,11 +61,7 @@ def block_pairs(code: np.ndarray, max_block: int) -> tuple[np.ndarray, np.ndarra
     NumPy only: rows sorted by code (stable, so ascending within a block), then each row is paired with
     the rows after it in its block."""
     none = np.zeros(0, dtype=np.int64)
-    present = np.flatnonzero(code >= 0)
-    size = np.bincount(code[present]) if len(present) else none
-    skipped = int(size[size > max_block].sum())
-    row_size = size[code[present]]
-    rows = present[(row_size >= 2) & (row_size <= max_block)]
+    rows, skipped = pairable_rows(code, max_block)
     if not len(rows):
         return none, none, skipped
     rows = rows[np.argsort(code[rows], kind="stable")]

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from crmbridge.dedupe import compare, keys
-from crmbridge.dedupe.matcher import MAX_BLOCK, Matcher, block_pairs
+from crmbridge.dedupe.matcher import MAX_BLOCK, Matcher, block_pairs, pairable_rows
 from crmbridge.mappings.model import DedupeSpec
 
 
@@ -67,11 +67,8 @@ def part_jobs(spec: DedupeSpec, frame: pd.DataFrame, parts: int, stats: dict[str
     stats.setdefault("rows_in_skipped_blocks", 0)
     for index, rule in enumerate([*spec.blocking, *spec.rules]):
         code = keys.rule_codes(frame, tuple(rule), memo)
-        present = np.flatnonzero(code >= 0)
-        size = np.bincount(code[present]) if len(present) else np.zeros(0, dtype=np.int64)
-        stats["rows_in_skipped_blocks"] += int(size[size > MAX_BLOCK].sum())
-        row_size = size[code[present]]
-        rows = present[(row_size >= 2) & (row_size <= MAX_BLOCK)]
+        rows, skipped = pairable_rows(code, MAX_BLOCK)
+        stats["rows_in_skipped_blocks"] += skipped
         part_of = code[rows] % parts  # dense codes: consecutive blocks go to different parts
         for part in range(parts):
             mine = rows[part_of == part]
