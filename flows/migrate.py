@@ -9,7 +9,7 @@ import logging
 import os
 import traceback
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,6 +48,23 @@ class Opaque:
         self.value = value
 
 
+def _in_order(items: Iterable[Any], submit: Callable[[Any], PrefectFuture | None],
+              limit: int = IN_FLIGHT) -> Iterator[tuple[Any, Any]]:
+    """Submit a task per item with at most `limit` others still running (memory stays a few batches), and
+    yield (item, result) in submission order. `limit=0`: one at a time, though the next item is produced
+    (e.g. planned) while the previous one runs. A `submit` returning None has nothing to run: result None."""
+    in_flight: deque[tuple[Any, PrefectFuture | None]] = deque()
+
+    def oldest() -> tuple[Any, Any]:
+        item, future = in_flight.popleft()
+        return item, None if future is None else future.result(raise_on_failure=True)
+
+    for item in items:
+        while len(in_flight) > limit:
+            yield oldest()
+        in_flight.append((item, submit(item)))
+    while in_flight:
+        yield oldest()
 
 
 @task(name="stage-batch", cache_policy=NONE, task_run_name="stage-{entity.name}-{batch_no}")
@@ -77,14 +94,11 @@ def dedupe_part_task(spec: Opaque, job: Opaque, number: int):
 
 def _dedupe_on_workers(spec, jobs: Iterable[Any]) -> list[Any]:
     """Dedupe's parts as tasks, a bounded number in flight (each holds its rows), results in job order."""
-    in_flight: deque[PrefectFuture] = deque()
-    results = []
-    for number, job in enumerate(jobs):
-        in_flight.append(dedupe_part_task.submit(Opaque(spec), Opaque(job), number))
-        if len(in_flight) > IN_FLIGHT:
-            results.append(in_flight.popleft().result(raise_on_failure=True))
-    results += [future.result(raise_on_failure=True) for future in in_flight]
-    return results
+    def submit(numbered: tuple[int, Any]) -> PrefectFuture:
+        number, job = numbered
+        return dedupe_part_task.submit(Opaque(spec), Opaque(job), number)
+
+    return [result for _, result in _in_order(enumerate(jobs), submit)]
 
 
 @task(name="load-batch", cache_policy=NONE, task_run_name="load-{entity.name}-{first_seq}")
@@ -226,29 +240,21 @@ def _stage_here(ctx: steps.RunContext, entity, batches: Iterable[Any]) -> None:
 def _stage_on_workers(ctx: steps.RunContext, entity, batches: Iterable[Any]) -> None:
     """Batches are prepared on the task runner's workers, a bounded number at a time (memory stays a few
     batches), and staged here in source order, so the staging store is the one a single process builds."""
-    in_flight: deque[tuple[int, PrefectFuture]] = deque()
+    def submit(numbered: tuple[int, Any]) -> PrefectFuture:
+        batch_no, batch = numbered
+        return prepare_batch_task.submit(Opaque(ctx.mapping), entity, batch_no, Opaque(batch))
+
     seq = 0
-
-    def stage_oldest() -> None:
-        nonlocal seq
-        batch_no, future = in_flight.popleft()
-        seq += steps.stage_prepared(ctx, entity, batch_no, seq, future.result(raise_on_failure=True))
+    for (batch_no, _), prepared in _in_order(enumerate(batches), submit):
+        seq += steps.stage_prepared(ctx, entity, batch_no, seq, prepared)
         failpoints.reach("stage.after_batch")
-
-    for batch_no, batch in enumerate(batches):
-        in_flight.append((batch_no, prepare_batch_task.submit(Opaque(ctx.mapping), entity, batch_no, Opaque(batch))))
-        if len(in_flight) > IN_FLIGHT:
-            stage_oldest()
-    while in_flight:
-        stage_oldest()
 
 
 def _settle_entity(ctx: steps.RunContext, entity, state: dict[str, Any]) -> None:
     if ctx.distributed:
-        # Called in the flow, not as a task: its dedupe-part tasks go to the workers from here (a task that
-        # submits tasks ships its own parameters along, and this one's include the staging connection).
-        steps.after_staging(ctx, entity)
-        steps.dedupe(ctx, entity)
+        # The task's function, called in the flow: its dedupe-part tasks go to the workers from here (a task
+        # that submits tasks ships its own parameters along, and this one's include the staging connection).
+        dedupe_task.fn(Opaque(ctx), entity)
     else:
         dedupe_task(Opaque(ctx), entity)
     assert ctx.checkpoints is not None
@@ -281,30 +287,24 @@ def _load_on_workers(ctx: steps.RunContext, entity, ranges: list[tuple[int, int]
     is still in flight. A target that numbers its rows itself gets one write at a time, in batch order, so
     it numbers them as a single process would; so does one that takes one writer at a time (a SQLite file),
     where parallel writers would only queue on its lock."""
-    in_flight: deque[tuple[steps.LoadPlan, PrefectFuture | None]] = deque()
     target = ctx.target(entity.target)
-    in_order = (entity.target_key_column != entity.external_id_column
-                or not getattr(target, "concurrent_writes", True))
+    one_at_a_time = (entity.target_key_column != entity.external_id_column
+                     or not getattr(target, "concurrent_writes", True))
 
-    def record_oldest() -> None:
-        plan, future = in_flight.popleft()
-        written = (future.result(raise_on_failure=True) if future is not None
-                   else steps.nothing_written(entity))
-        with steps.bulk_work():
-            steps.record_load(ctx, entity, plan, written)
+    def plans() -> Iterator[steps.LoadPlan]:
+        for first, last in ranges:
+            with steps.bulk_work():
+                plan = steps.plan_load(ctx, entity, first, last)  # while earlier batches are being written
+            yield plan
 
-    for first, last in ranges:
+    def submit(plan: steps.LoadPlan) -> PrefectFuture | None:
+        if plan.job is None:
+            return None
+        return write_batch_task.submit(Opaque(ctx.mapping), entity, plan.first_seq, Opaque(plan.job))
+
+    for plan, written in _in_order(plans(), submit, 0 if one_at_a_time else IN_FLIGHT):
         with steps.bulk_work():
-            plan = steps.plan_load(ctx, entity, first, last)  # while earlier batches are being written
-        while in_order and in_flight:
-            record_oldest()
-        future = (write_batch_task.submit(Opaque(ctx.mapping), entity, first, Opaque(plan.job)) if plan.job is not None
-                  else None)
-        in_flight.append((plan, future))
-        if len(in_flight) > IN_FLIGHT:
-            record_oldest()
-    while in_flight:
-        record_oldest()
+            steps.record_load(ctx, entity, plan, written if written is not None else steps.nothing_written(entity))
 
 
 def start_run(mapping_path: str | Path, dry_run: bool = False, run_id: str | None = None,
