@@ -111,9 +111,6 @@ class Connector:
     kind: str = ""
     can_read = True
     can_write = False
-    # The target indexes the external id (an SQL table keyed by it): it takes rows fastest in external-id
-    # order (`Staging.order_for_load`).
-    load_in_external_id_order = False
 
     def __init__(self, connection: Connection, mapping: Mapping):
         self.connection = connection

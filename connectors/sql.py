@@ -45,7 +45,6 @@ def _error_class(role: str) -> type[CrmbridgeError]:
 class SqlConnector(Connector):
     kind = "sql"
     can_write = True
-    load_in_external_id_order = True
 
     def __init__(self, connection, mapping):
         super().__init__(connection, mapping)

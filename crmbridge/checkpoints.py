@@ -5,8 +5,7 @@ Checkpoints, each written in the same DuckDB transaction as the work it marks:
 - an entity is *staged* once every source batch is in staging (then it is never extracted again; an entity
   interrupted halfway is reset and extracted again from its start, since sources promise no stable order);
 - an entity is *settled* once duplicate keys and matches are resolved;
-- a load batch (a `_seq` range, or a range of load-order positions, `Staging.order_for_load`) is *loaded*
-  once its ledger rows are in staging.
+- a load batch (a `_seq` range) is *loaded* once its ledger rows are in staging.
 
 Between sending a batch to the target and writing its ledger a crash can happen. So before the write, the
 batch's *plan* is journalled: which rows it creates, and the before-image of the rows it updates. Resuming
@@ -19,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from crmbridge.staging import Staging, load_order_name, table_name
+from crmbridge.staging import Staging, table_name
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS load_done (entity VARCHAR, first_seq BIGINT, last_seq BIGINT);
@@ -68,7 +67,6 @@ class Checkpoints:
         """Forget a half-staged entity: its rows, its extract/validate quarantine and its source counts."""
         self.con.begin()
         self.con.execute(f'DROP TABLE IF EXISTS "{table_name(entity)}"')
-        self.con.execute(f'DROP TABLE IF EXISTS "{load_order_name(entity)}"')
         self.con.execute("DELETE FROM quarantine WHERE entity = ? AND stage IN ('extract', 'validate')",
                          [entity_name])
         self.con.execute("DELETE FROM source_counts WHERE entity = ?", [entity_name])

@@ -63,10 +63,6 @@ def table_name(entity: Entity) -> str:
     return f"rows_{entity.name}"
 
 
-def load_order_name(entity: Entity) -> str:
-    return f"load_order_{entity.name}"
-
-
 @dataclass
 class QuarantineRecord:
     row_no: int
@@ -173,41 +169,12 @@ class Staging:
     def max_seq(self, entity: Entity) -> int:
         return self.con.execute(f'SELECT coalesce(max(_seq), -1) FROM "{table_name(entity)}"').fetchone()[0]
 
-    # A target that indexes the external id takes rows fastest in external-id order: then each load batch is
-    # one narrow range of its index, rather than spread over all of it (a SQLite upsert of 1M rows took half the
-    # time, bench/migrate_sqlite.py). The load order numbers the staged rows by external id; load batches are
-    # then ranges of those positions rather than of `_seq`.
-
-    def order_for_load(self, entity: Entity) -> None:
-        """Number the staged rows in external-id order (in the caller's transaction, once they are settled)."""
-        name = load_order_name(entity)
-        self.con.execute(f'DROP TABLE IF EXISTS "{name}"')
-        self.con.execute(f'CREATE TABLE "{name}" AS SELECT _seq, row_number() OVER (ORDER BY _ext, _seq) - 1 AS pos '
-                         f'FROM "{table_name(entity)}"')
-
-    def load_order_size(self, entity: Entity) -> int | None:
-        """How many rows the entity's load order numbers; None when it has none (rows load in `_seq` order)."""
-        found = self.con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?",
-                                 [load_order_name(entity)]).fetchone()[0]
-        if not found:
-            return None
-        return self.con.execute(f'SELECT count(*) FROM "{load_order_name(entity)}"').fetchone()[0]
-
-    def rows_for_load_arrow(self, entity: Entity, first_seq: int, last_seq: int,
-                            in_load_order: bool = False) -> pa.Table:
-        """Staged rows in a `_seq` range (or, `in_load_order`, a range of load-order positions, sorted by
-        external id), as Arrow columns, each reference resolved through the ledger.
+    def rows_for_load_arrow(self, entity: Entity, first_seq: int, last_seq: int) -> pa.Table:
+        """Staged rows in a `_seq` range, as Arrow columns, each reference resolved through the ledger.
 
         For every reference field `F`, adds `F__target` (the parent's target key; NULL for a parent that a
         dry run would create) and `F__resolved` (the parent is in the ledger)."""
-        if in_load_order:
-            # A semi-join rather than a join on the positions: DuckDB then scans the rows as for a `_seq`
-            # range, and sorting one batch is cheap.
-            query = self._load_query(entity, f's._seq IN (SELECT _seq FROM "{load_order_name(entity)}" '
-                                             "WHERE pos BETWEEN ? AND ?)", order="s._ext, s._seq")
-        else:
-            query = self._load_query(entity)
-        result = self.con.execute(query, [first_seq, last_seq])
+        result = self.con.execute(self._load_query(entity), [first_seq, last_seq])
         with warnings.catch_warnings():  # the copy it warns about is one batch; `con.sql` would need the
             warnings.simplefilter("ignore", UserWarning)  # connection free of every earlier result
             return result.to_arrow_table()
@@ -225,7 +192,7 @@ class Staging:
         finally:
             self.con.unregister("wanted_ext")
 
-    def _load_query(self, entity: Entity, where: str = "s._seq BETWEEN ? AND ?", order: str = "s._seq") -> str:
+    def _load_query(self, entity: Entity, where: str = "s._seq BETWEEN ? AND ?") -> str:
         select = ["s.*"]
         joins = []
         for i, spec in enumerate(f for f in entity.fields.values() if f.ref):
@@ -235,7 +202,7 @@ class Staging:
             select.append(f'{alias}.target_key AS "{spec.name}__target"')
             select.append(f'({alias}.entity IS NOT NULL) AS "{spec.name}__resolved"')
         return (f'SELECT {", ".join(select)} FROM "{table_name(entity)}" s {" ".join(joins)} '
-                f"WHERE {where} ORDER BY {order}")
+                f"WHERE {where} ORDER BY s._seq")
 
     # --- ledger and progress ------------------------------------------------------------------------
 

@@ -258,31 +258,13 @@ def _settle_entity(ctx: steps.RunContext, entity, state: dict[str, Any]) -> None
     else:
         dedupe_task(Opaque(ctx), entity)
     assert ctx.checkpoints is not None
-    ctx.staging.con.begin()  # ordered and marked settled at once: a resumed run finds both or neither
-    try:
-        if _loads_in_external_id_order(ctx, entity):
-            ctx.staging.order_for_load(entity)
-        ctx.checkpoints.mark_done(entity.name, SETTLED)
-        ctx.staging.con.commit()
-    except BaseException:
-        ctx.staging.con.rollback()
-        raise
+    ctx.checkpoints.mark_done(entity.name, SETTLED)
     state["dedupe"] = "done"
     failpoints.reach("dedupe.after")
 
 
-def _loads_in_external_id_order(ctx: steps.RunContext, entity) -> bool:
-    """Whether the entity's rows load in external-id order rather than source order: when the target indexes
-    the external id and it is the target's key (a target numbering its rows itself numbers them in source
-    order, as before)."""
-    return (entity.target_key_column == entity.external_id_column
-            and ctx.connector(entity.target, "target").load_in_external_id_order)
-
-
 def _load_entity(ctx: steps.RunContext, entity, manifest: Manifest) -> None:
     state: dict[str, Any] = manifest.entities.setdefault(entity.name, {})
-    if ctx.staging.load_order_size(entity) is not None:  # a run settled before load orders existed has none
-        ctx.in_load_order.add(entity.name)
     loaded = ctx.checkpoints.loaded(entity.name) if ctx.checkpoints is not None else set()
     ranges = [(first, last) for first, last in steps.load_ranges(ctx, entity) if first not in loaded]
     ctx.progress.stage(entity.name, "load", sum(b - a + 1 for a, b in ranges))

@@ -49,8 +49,6 @@ class RunContext:
     checkpoints: Checkpoints | None = None  # journals load batches, so a crashed run can resume
     distributed: bool = False  # batches are prepared on the task runner's workers (e.g. a Dask cluster)
     dedupe_jobs: Any = None  # runs dedupe's parts on those workers (crmbridge.dedupe.partition.RunJobs)
-    # Entities whose load batches are ranges of load-order positions, not of `_seq` (`Staging.order_for_load`).
-    in_load_order: set[str] = field(default_factory=set)
     _targets: dict[str, Target] = field(default_factory=dict)
 
     def connector(self, name: str, role: str) -> Connector:
@@ -217,10 +215,7 @@ def after_load(ctx: RunContext, entity: Entity) -> None:
 
 
 def load_ranges(ctx: RunContext, entity: Entity) -> list[tuple[int, int]]:
-    if entity.name in ctx.in_load_order:
-        last = (ctx.staging.load_order_size(entity) or 0) - 1
-    else:
-        last = ctx.staging.max_seq(entity)
+    last = ctx.staging.max_seq(entity)
     size = ctx.mapping.batch_size
     return [(start, min(start + size - 1, last)) for start in range(0, last + 1, size)]
 
@@ -340,7 +335,7 @@ class LoadPlan:
 
 
 def plan_load(ctx: RunContext, entity: Entity, first_seq: int, last_seq: int) -> LoadPlan:
-    table = ctx.staging.rows_for_load_arrow(entity, first_seq, last_seq, entity.name in ctx.in_load_order)
+    table = ctx.staging.rows_for_load_arrow(entity, first_seq, last_seq)
     target = ctx.target(entity.target)
     quarantined: list[QuarantineRecord] = []
 
