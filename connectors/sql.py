@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +29,8 @@ from crmbridge.mappings.envvars import redact_url_password
 from crmbridge.mappings.model import Entity
 from crmbridge.retry import Backoff, GaveUp, retrying
 from crmbridge.values import RowBatch, bulk_work, column_from_values
+
+log = logging.getLogger("crmbridge.run")
 
 _DEFAULT_DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg",
                     "mysql": "mysql+pymysql", "mariadb": "mariadb+pymysql"}
@@ -300,6 +303,13 @@ class SqlTarget:
         self._not_created: set[str] = set()  # entities whose table a dry run defined but did not create
         self._empty_when_prepared: set[str] = set()  # see `empty_when_prepared`
         self._conn: sa.Connection | None = None
+        # Bulk loading (set by the migrate flow): a table the run creates gets its external-id index once its
+        # entity is loaded, not before. Adding 1M rows to a text index in external-id order (random) took 3x
+        # as long as inserting them and then building the index (bench/migrate_sqlite.py).
+        self.bulk_load = False
+        self.before_deferring: Callable[[Entity], None] | None = None  # told first (the run's checkpoint)
+        self.complete_deferred: set[str] = set()  # entities whose earlier attempt was killed before the index
+        self._deferred: dict[tuple[str | None, str], str] = {}  # (schema, table) -> external id column
 
     @property
     def conn(self) -> sa.Connection:
@@ -338,21 +348,31 @@ class SqlTarget:
             if not entity.create_table:
                 raise TargetError(f"entity `{entity.name}`: target `{self.connector.connection.name}` has no "
                                   f"table `{name}` (create it, or set `create_table: true`)") from None
-            table = self._define(entity)
+            defer = not dry_run and self._defers_index(entity)
+            table = self._define(entity, external_id_unique=not defer)
             if dry_run:
                 self._register(entity, table)
                 self._not_created.add(entity.name)
                 return
+            if defer and self.before_deferring is not None:
+                self.before_deferring(entity)  # noted before the table exists: a resume then finds the note
             table.create(self.conn)
             self.conn.commit()
+            if defer:
+                self._deferred[(self.schema, name)] = entity.external_id_column
         wanted = [entity.external_id_column, entity.target_key_column, *entity.fields]
         missing = [c for c in dict.fromkeys(wanted) if c not in table.c]
         if missing:
             raise TargetError(f"entity `{entity.name}`: target table `{name}` has no column(s) "
                               f"{', '.join(f'`{c}`' for c in missing)}")
-        if not self._is_unique(table, entity.external_id_column):
+        if (self._index_wanted(table) is None and entity.name in self.complete_deferred
+                and not self._is_unique(table, entity.external_id_column)):
+            self._build_external_id_index(entity.name, table, entity.external_id_column)  # resuming a killed run
+        if self._index_wanted(table) is None and not self._is_unique(table, entity.external_id_column):
             raise TargetError(f"entity `{entity.name}`: target column `{name}.{entity.external_id_column}` "
-                              "must be unique (a primary key or unique index) so writes can upsert on it")
+                              "must be unique (a primary key or unique index) so writes can upsert on it; if "
+                              "a crmbridge run created this table and was killed while loading it, "
+                              "`crmbridge resume` that run")
         self._register(entity, table)
         if self.conn.execute(sa.select(sa.literal(1)).select_from(table).limit(1)).first() is None:
             self._empty_when_prepared.add(entity.name)
@@ -379,13 +399,49 @@ class SqlTarget:
                              for name, values in rows.columns.items()})
         return [{**row, **{c: _naive_utc(row[c]) for c in columns}} for row in rows]
 
-    def _define(self, entity: Entity) -> sa.Table:
+    def _defers_index(self, entity: Entity) -> bool:
+        """Whether a table created for `entity` gets its external-id index after the load: when bulk loading,
+        on SQLite and PostgreSQL, and when the external id is the table's key (a table numbering its rows is
+        looked up by external id after every write, for the keys it gave)."""
+        return (self.bulk_load and self.dialect in ("sqlite", "postgresql")
+                and entity.target_key_column == entity.external_id_column)
+
+    def _index_wanted(self, table: sa.Table) -> str | None:
+        """The external id column of a table this run created and has not indexed yet (None: no such table)."""
+        return self._deferred.get((self.schema, table.name))
+
+    def finish(self, entity: Entity) -> None:
+        """The entity is loaded: give its table the external-id index it was created without, if any."""
+        table = self._tables.get(entity.name)
+        column = self._index_wanted(table) if table is not None else None
+        if table is not None and column is not None:
+            self._build_external_id_index(entity.name, table, column)
+
+    def _build_external_id_index(self, entity_name: str, table: sa.Table, column: str) -> None:
+        # A unique index, not a primary key: SQLite cannot add a primary key to an existing table, and the
+        # upsert needs only the uniqueness. Rows of one run never share an external id, so it always builds.
+        index = sa.Index(f"{table.name}_{column}_key", table.c[column], unique=True)
+        try:
+            index.create(self.conn)
+            self.conn.commit()
+        except SQLAlchemyError as error:
+            with contextlib.suppress(SQLAlchemyError):
+                self.conn.rollback()
+            orig = getattr(error, "orig", None) or error
+            raise TargetError(f"entity `{entity_name}`: could not add the unique index on target column "
+                              f"`{table.name}.{column}` ({type(orig).__name__}); the rows are loaded, but until "
+                              "it exists writes cannot upsert on the external id") from None
+        self._deferred.pop((self.schema, table.name), None)
+
+    def _define(self, entity: Entity, external_id_unique: bool = True) -> sa.Table:
         ext = entity.external_id_column
         columns: list[sa.Column] = []
         if entity.target_key_column != ext:
             columns.append(sa.Column(entity.target_key_column, sa.Integer, primary_key=True,
                                      autoincrement=True))
             columns.append(sa.Column(ext, sa.String(64), nullable=False, unique=True))
+        elif not external_id_unique:  # indexed after the load (`_defers_index`)
+            columns.append(sa.Column(ext, sa.String(64), nullable=False))
         else:
             columns.append(sa.Column(ext, sa.String(64), primary_key=True))
         for spec in entity.fields.values():
@@ -487,7 +543,10 @@ class SqlTarget:
         if not rows:
             return []
         rows = self._bindable(entity, rows)
-        statement = self._upsert(entity, list(rows[0]))
+        if self._index_wanted(self.table(entity)) is not None:  # no index to upsert on yet: every row is new
+            statement: sa.Executable = sa.insert(self.table(entity))
+        else:
+            statement = self._upsert(entity, list(rows[0]))
 
         def attempt() -> list[WriteFailure]:  # the whole batch again: an upsert on external ids repeats safely
             failures: list[WriteFailure] = []
@@ -645,6 +704,13 @@ class SqlTarget:
         return failures
 
     def close(self) -> None:
+        for entity_name, table in list(self._tables.items()):  # a run that failed while loading
+            column = self._index_wanted(table)
+            if column is not None:
+                try:
+                    self._build_external_id_index(entity_name, table, column)
+                except TargetError as error:
+                    log.warning("%s", error)
         if self._conn is not None:
             self._conn.close()
             self._conn = None

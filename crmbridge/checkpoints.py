@@ -63,6 +63,16 @@ class Checkpoints:
     def mark_done(self, entity: str, what: str) -> None:
         self.staging.mark(entity, what, "done")
 
+    def note_index_deferred(self, entity: str) -> None:
+        """The run is about to create the entity's target table without its external-id index, to add it once
+        the entity is loaded: a resume of a killed attempt adds it first, if it is still missing."""
+        self.staging.mark(entity, "target_index", "deferred")
+
+    def index_deferred(self, entity: str) -> bool:
+        row = self.con.execute("SELECT count(*) FROM stages WHERE entity = ? AND stage = 'target_index' "
+                               "AND status = 'deferred'", [entity]).fetchone()
+        return bool(row[0])
+
     def reset_entity(self, entity_name: str, entity) -> None:
         """Forget a half-staged entity: its rows, its extract/validate quarantine and its source counts."""
         self.con.begin()

@@ -145,7 +145,7 @@ def migrate_flow(mapping_path: str, run_id: str, state_dir: str, dry_run: bool =
         for entity in order:
             _stage_entity(ctx, entity, manifest)
         for entity in order:  # every target table checked (or created) before the first write
-            ctx.target(entity.target).prepare(entity, ctx.dry_run)
+            _bulk_load(ctx, entity).prepare(entity, ctx.dry_run)
         for entity in order:
             _load_entity(ctx, entity, manifest)
         failpoints.reach("reconcile.before")
@@ -263,6 +263,20 @@ def _settle_entity(ctx: steps.RunContext, entity, state: dict[str, Any]) -> None
     failpoints.reach("dedupe.after")
 
 
+def _bulk_load(ctx: steps.RunContext, entity) -> Any:
+    """The entity's target, told that this run loads in bulk (a table it creates is indexed after its load;
+    `SqlTarget.bulk_load`). Not with writes on a cluster's workers: each has a connection of its own."""
+    target = ctx.target(entity.target)
+    if hasattr(target, "bulk_load") and not ctx.distributed:
+        assert ctx.checkpoints is not None
+        checkpoints = ctx.checkpoints
+        target.bulk_load = True
+        target.before_deferring = lambda deferred: checkpoints.note_index_deferred(deferred.name)
+        if checkpoints.index_deferred(entity.name):
+            target.complete_deferred.add(entity.name)
+    return target
+
+
 def _load_entity(ctx: steps.RunContext, entity, manifest: Manifest) -> None:
     state: dict[str, Any] = manifest.entities.setdefault(entity.name, {})
     loaded = ctx.checkpoints.loaded(entity.name) if ctx.checkpoints is not None else set()
@@ -273,6 +287,9 @@ def _load_entity(ctx: steps.RunContext, entity, manifest: Manifest) -> None:
     else:
         for first, last in ranges:
             load_batch_task(Opaque(ctx), entity, first, last)
+    finish = getattr(ctx.target(entity.target), "finish", None)
+    if finish is not None and not ctx.dry_run:
+        finish(entity)  # e.g. the external-id index of a table created for this run
     steps.after_load(ctx, entity)
     ctx.progress.done(entity.name, "load")
     state["load"] = "done" if not ctx.dry_run else "planned"

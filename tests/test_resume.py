@@ -222,7 +222,25 @@ def test_a_killed_run_resumes_to_the_same_result(name: str, failpoint: str | Non
     assert len(list_runs(project / ".crmbridge")) == 1  # resumed in place, not a new run
     assert counts == reference["counts"]
     assert target == reference["target"]
+    _assert_external_ids_indexed(f"sqlite:///{project / 'target.db'}")
     _assert_audit_verifies(project)
+
+
+def _assert_external_ids_indexed(url: str) -> None:
+    """The contact table, which the run creates and indexes once loaded, has its unique external-id index
+    however the run was killed (the account table numbers its rows: unique from the start)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        inspector = sa.inspect(engine)
+        extra = {"include_auto_indexes": True} if engine.dialect.name == "sqlite" else {}
+        for table in ("account", "contact"):
+            unique = [i["column_names"] for i in inspector.get_indexes(table, **extra) if i.get("unique")]
+            unique += [c["column_names"] for c in inspector.get_unique_constraints(table)]
+            assert ["external_id"] in unique, table
+    finally:
+        engine.dispose()
 
 
 def _assert_audit_verifies(project: Path) -> None:
@@ -291,4 +309,5 @@ def test_a_run_into_postgresql_killed_after_a_committed_batch_resumes_exactly_on
     assert _counts(project) == reference["counts"]
     expected = _logical(f"sqlite:///{reference['project'] / 'target.db'}")
     assert _logical(postgres_url) == expected
+    _assert_external_ids_indexed(postgres_url)
     assert all(link is not None for _, _, link in expected["contact"])
