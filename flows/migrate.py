@@ -267,13 +267,15 @@ def _bulk_load(ctx: steps.RunContext, entity) -> Any:
     """The entity's target, told that this run loads in bulk (a table it creates is indexed after its load;
     `SqlTarget.bulk_load`). Not with writes on a cluster's workers: each has a connection of its own."""
     target = ctx.target(entity.target)
-    if hasattr(target, "bulk_load") and not ctx.distributed:
-        assert ctx.checkpoints is not None
-        checkpoints = ctx.checkpoints
+    if not hasattr(target, "bulk_load"):
+        return target
+    assert ctx.checkpoints is not None
+    checkpoints = ctx.checkpoints
+    if checkpoints.index_deferred(entity.name):  # however this attempt runs, a killed one's index comes first
+        target.complete_deferred.add(entity.name)
+    if not ctx.distributed:
         target.bulk_load = True
         target.before_deferring = lambda deferred: checkpoints.note_index_deferred(deferred.name)
-        if checkpoints.index_deferred(entity.name):
-            target.complete_deferred.add(entity.name)
     return target
 
 

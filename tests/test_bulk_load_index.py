@@ -213,3 +213,26 @@ def test_without_bulk_loading_the_table_is_keyed_from_the_start(tmp_path: Path) 
     finally:
         target.close()
     assert _unique_indexes(f"sqlite:///{project / 'target.db'}", "person") == [["external_id"]]
+
+
+def test_a_resume_on_a_cluster_still_adds_the_index_a_killed_run_left_out(tmp_path: Path) -> None:
+    from crmbridge.checkpoints import Checkpoints
+    from crmbridge.flows import migrate, steps
+
+    project = _project(tmp_path)
+    mapping, killed = _target(project)
+    entity = mapping.entity("people")
+    killed.prepare(entity, False)
+    killed._conn.close()  # killed before its entity was loaded: no index
+    staging = Staging(tmp_path / "staging.duckdb")
+    checkpoints = Checkpoints(staging)
+    checkpoints.note_index_deferred("people")
+    ctx = steps.RunContext(mapping, None, staging, None, checkpoints=checkpoints, distributed=True)  # type: ignore[arg-type]
+    try:
+        target = migrate._bulk_load(ctx, entity)
+        assert target.bulk_load is False  # workers write on connections of their own: no deferring
+        target.prepare(entity, False)
+        assert _unique_indexes(f"sqlite:///{project / 'target.db'}", "person") == [["external_id"]]
+    finally:
+        ctx.close()
+        staging.close()
