@@ -211,7 +211,8 @@ class _Clock:
             self.first_loaded = self.first_loaded or self.last_loaded
 
     def done(self, entity: str, stage: str) -> None:
-        pass
+        if stage == "load":  # after the entity's last batch: its deferred index and merges count as loading
+            self.last_loaded = time.perf_counter()
 
 
 def _buckets(result: dict) -> dict[str, int]:

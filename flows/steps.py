@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -265,11 +265,14 @@ def _arrow_values(column: pa.ChunkedArray, kind: str) -> list[Any]:
     return [None if v is None else convert(v) for v in values]
 
 
-def written_values(entity: Entity, table: pa.Table, refs: dict[str, pa.ChunkedArray]) -> list[list[Any]]:
+def written_values(entity: Entity, table: pa.Table, refs: dict[str, pa.ChunkedArray],
+                   left_out: Collection[str] = ()) -> list[list[Any]]:
     """Per field, the values a load writes for these staged rows (`refs`: resolved parent keys by field).
+    Fields in `left_out` get an empty list: the caller makes their values from the staged columns itself.
 
     Rollback calls it too: these values are the run's after-image it compares the target with."""
-    return [_arrow_values(refs[n] if n in refs else table.column(n), spec.type) for n, spec in entity.fields.items()]
+    return [[] if n in left_out else _arrow_values(refs[n] if n in refs else table.column(n), spec.type)
+            for n, spec in entity.fields.items()]
 
 
 def before_image(entity: Entity, values: dict[str, Any], changed: list[str]) -> str:
@@ -362,11 +365,14 @@ def plan_load(ctx: RunContext, entity: Entity, first_seq: int, last_seq: int) ->
     names = list(entity.fields)
     kinds = [entity.fields[n].type for n in names]
     exts: list[str] = table.column("_ext").to_pylist()
-    desired = written_values(entity, table, refs)
+    # Protected fields the protection step makes from the staged columns are not converted here first.
+    left_out = (protection_load.from_staged_columns(ctx.mapping, entity, ctx.distributed)
+                if ctx.mapping.protection is not None else ())
+    desired = written_values(entity, table, refs, left_out)
     sealed = list(desired)  # the staged values: what a writer elsewhere receives for fields it decrypts
     existing = target.fetch_existing(entity, exts) if exts and not _empty_when_prepared(target, entity) else {}
     if ctx.mapping.protection is not None:  # plaintext only now, at the last moment, if the target takes it
-        protection_load.prepare(ctx.mapping, entity, table, desired, existing)
+        protection_load.prepare(ctx.mapping, entity, table, desired, existing, exts)
 
     # One action per row: "" (quarantined: not in the target in `update` mode), created, updated, unchanged.
     currents = [existing.get(ext) for ext in exts] if existing else [None] * len(exts)

@@ -126,8 +126,12 @@ def decode_column(tokens: pa.Array) -> tuple[bytes, np.ndarray, np.ndarray] | No
     if b"=" in raw:  # padded text decodes value by value
         return None
     try:
-        decoded = binascii.a2b_base64(raw.translate(_FROM_URLSAFE), strict_mode=True)
+        # Not strict mode (a quarter slower): it skips characters outside the alphabet, which the length check
+        # below notices, as it would any text the strict decoder refuses here.
+        decoded = binascii.a2b_base64(raw.translate(_FROM_URLSAFE))
     except binascii.Error:
+        return None
+    if len(decoded) != len(raw) // 4 * 3:
         return None
     start = (bounds[:-1] - bounds[0]) // 4 * 3
     return decoded, start, start + sizes * 3 // 4
