@@ -365,14 +365,13 @@ class SqlTarget:
         if missing:
             raise TargetError(f"entity `{entity.name}`: target table `{name}` has no column(s) "
                               f"{', '.join(f'`{c}`' for c in missing)}")
-        if (self._index_wanted(table) is None and entity.name in self.complete_deferred
-                and not self._is_unique(table, entity.external_id_column)):
-            self._build_external_id_index(entity.name, table, entity.external_id_column)  # resuming a killed run
         if self._index_wanted(table) is None and not self._is_unique(table, entity.external_id_column):
-            raise TargetError(f"entity `{entity.name}`: target column `{name}.{entity.external_id_column}` "
-                              "must be unique (a primary key or unique index) so writes can upsert on it; if "
-                              "a crmbridge run created this table and was killed while loading it, "
-                              "`crmbridge resume` that run")
+            if entity.name not in self.complete_deferred:
+                raise TargetError(f"entity `{entity.name}`: target column `{name}.{entity.external_id_column}` "
+                                  "must be unique (a primary key or unique index) so writes can upsert on it; "
+                                  "if a crmbridge run created this table and was killed while loading it, "
+                                  "`crmbridge resume` that run")
+            self._build_external_id_index(entity.name, table, entity.external_id_column)  # resuming a killed run
         self._register(entity, table)
         if self.conn.execute(sa.select(sa.literal(1)).select_from(table).limit(1)).first() is None:
             self._empty_when_prepared.add(entity.name)
@@ -413,9 +412,13 @@ class SqlTarget:
     def finish(self, entity: Entity) -> None:
         """The entity is loaded: give its table the external-id index it was created without, if any."""
         table = self._tables.get(entity.name)
-        column = self._index_wanted(table) if table is not None else None
-        if table is not None and column is not None:
-            self._build_external_id_index(entity.name, table, column)
+        if table is not None:
+            self._build_deferred_index(entity.name, table)
+
+    def _build_deferred_index(self, entity_name: str, table: sa.Table) -> None:
+        column = self._index_wanted(table)
+        if column is not None:
+            self._build_external_id_index(entity_name, table, column)
 
     def _build_external_id_index(self, entity_name: str, table: sa.Table, column: str) -> None:
         # A unique index, not a primary key: SQLite cannot add a primary key to an existing table, and the
@@ -705,12 +708,10 @@ class SqlTarget:
 
     def close(self) -> None:
         for entity_name, table in list(self._tables.items()):  # a run that failed while loading
-            column = self._index_wanted(table)
-            if column is not None:
-                try:
-                    self._build_external_id_index(entity_name, table, column)
-                except TargetError as error:
-                    log.warning("%s", error)
+            try:
+                self._build_deferred_index(entity_name, table)
+            except TargetError as error:
+                log.warning("%s", error)
         if self._conn is not None:
             self._conn.close()
             self._conn = None
