@@ -520,7 +520,7 @@ def record_load(ctx: RunContext, entity: Entity, plan: LoadPlan, written: WriteR
         audit_records.quarantined(ctx.audit, entity, quarantined)
     ctx.staging.con.begin()
     ctx.staging.add_ledger_columns(entity, row_nos, keys, ext_column, target_keys, actions, changed_fields,
-                                   before_images, names)
+                                   before_images)
     ctx.staging.add_quarantine(entity, quarantined)
     if ctx.checkpoints is not None and not ctx.dry_run:
         ctx.checkpoints.mark_loaded(entity.name, plan.first_seq, plan.last_seq)

@@ -64,6 +64,9 @@ def test_demo_migrates_and_reconciles(demo_project: Path) -> None:
     finally:
         staging.close()
     accounts = ledger[ledger.entity == "accounts"]
+    # A created row's ledger entry names no changed fields (every field is new) and keeps no before-image.
+    assert set(accounts.action) == {"created"}
+    assert accounts.changed.isna().all() and accounts.before_image.isna().all()
     first = accounts.iloc[0]
     created_at = _rows(target, f"SELECT created_at FROM account WHERE id = {int(first.target_key)}")[0][0]
     source_created = dict((str(k), v) for k, v in legacy)[first.source_key]
