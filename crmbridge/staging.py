@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS quarantine (
 CREATE TABLE IF NOT EXISTS ledger (
     entity VARCHAR, row_no BIGINT, source_key VARCHAR, external_id VARCHAR, target_key VARCHAR,
     action VARCHAR,
-    changed VARCHAR[],  -- the fields an update changed; NULL for a created row
+    changed VARCHAR[],  -- the fields an update changed; NULL for a created row, empty for a merged one
     before_image JSON
 );
 CREATE TABLE IF NOT EXISTS stages (
